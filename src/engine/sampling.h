@@ -1,0 +1,52 @@
+/* Per-request sampling parameters (OpenAI's fields plus vLLM's extras) and the sampler that turns
+ * one row of logits into a token. Each request owns its RNG, seeded from its seed, so its output
+ * does not depend on what else is in the batch. */
+#ifndef TESSERA_SAMPLING_H
+#define TESSERA_SAMPLING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "util/status.h"
+
+#define SAMPLING_MAX_LOGPROBS 20
+
+typedef struct {
+  float temperature;        /* 0 = greedy */
+  float top_p;              /* 1 = off */
+  int top_k;                /* 0 or -1 = off */
+  float min_p;              /* 0 = off */
+  float presence_penalty;   /* OpenAI, over generated tokens */
+  float frequency_penalty;  /* OpenAI, over generated tokens */
+  float repetition_penalty; /* vLLM/HF, over prompt and generated tokens; 1 = off */
+  int n_logit_bias;
+  const int32_t *logit_bias_ids; /* [n_logit_bias] */
+  const float *logit_bias;       /* [n_logit_bias] */
+  uint64_t seed;
+  int has_seed;             /* 0: seeded from the engine's RNG */
+  int logprobs;             /* -1: none; k >= 0: the sampled token's logprob plus the top k */
+} sampling_params;
+
+void sampling_params_default(sampling_params *p);
+
+/* One sequence's sampler state: its RNG and token counts for the penalties. */
+typedef struct sampler sampler;
+
+typedef struct {
+  int32_t token;
+  float logprob;               /* of the sampled token under the final (post-penalty) distribution */
+  int n_top;
+  int32_t top_ids[SAMPLING_MAX_LOGPROBS];
+  float top_logprobs[SAMPLING_MAX_LOGPROBS];
+} sample_result;
+
+int sampler_create(sampler **out, const sampling_params *p, int vocab_size, uint64_t engine_seed,
+                   ts_err *err);
+void sampler_free(sampler *s);
+/* Records prompt tokens (repetition penalty) or generated tokens (all penalties). */
+void sampler_observe_prompt(sampler *s, const int32_t *ids, size_t n);
+void sampler_observe(sampler *s, int32_t id);
+/* Samples from logits [vocab] (modified in place). No allocation. */
+int sampler_sample(sampler *s, float *logits, sample_result *out);
+
+#endif
