@@ -16,6 +16,9 @@ typedef struct tokenizer tokenizer;
 int tok_load_hf(tokenizer **out, const char *dir, ts_err *err);
 /* From a GGUF file's tokenizer.ggml.* metadata ("llama" and "gpt2" vocabularies). */
 int tok_load_gguf(tokenizer **out, const struct gguf_file *g, ts_err *err);
+/* path: a .gguf file, or a directory with tokenizer.json (a model directory or a tokenizer-only
+ * one). */
+int tok_load_path(tokenizer **out, const char *path, ts_err *err);
 void tok_free(tokenizer *t);
 
 enum {
