@@ -1,0 +1,71 @@
+/* The executor: where the engine runs its steps. The engine hands over a step plan made only of
+ * plain arrays (engine/batch.h: token ids, positions, block tables, logits rows) and gets logits
+ * rows back; nothing points into engine state, so an mp or ray executor can serialise the plan to
+ * worker processes unchanged. Each worker owns its shard of the weights and of the paged KV cache;
+ * the engine only ever sees block ids. A worker that dies or stalls is reported as an error from
+ * execute_step or health (never a hang, never an exit). Implementations: uni (in process). */
+#ifndef TESSERA_EXECUTOR_H
+#define TESSERA_EXECUTOR_H
+
+#include <stdint.h>
+
+#include "engine/batch.h"
+#include "model/config.h"
+#include "util/status.h"
+
+struct model;
+typedef struct executor executor;
+
+/* What the engine needs to know about the model behind the executor. */
+typedef struct {
+  int vocab_size;
+  int max_pos;        /* max_position_embeddings: the longest context the model supports */
+  int max_tokens;     /* most tokens one step may carry (activation buffers were sized for it) */
+  int bos_id;         /* -1 when none */
+  int n_eos;
+  int eos_ids[MODEL_MAX_EOS]; /* ids that end generation according to the model config */
+} executor_info;
+
+typedef struct executor_ops {
+  const char *name;
+  /* Allocates the paged KV cache on every worker: as many blocks of block_size tokens as fit in
+   * kv_cache_bytes per worker (the smallest worker decides), or exactly n_blocks when it is > 0.
+   * Reports the number of blocks in *n_blocks_out. Called once, before any step. */
+  int (*init_kv)(executor *ex, int block_size, int64_t kv_cache_bytes, int n_blocks,
+                 int *n_blocks_out, ts_err *err);
+  /* Runs one step of the plan b (step_id increases by one per call, for the wire protocol's
+   * ordering checks). Writes logits [b->n_logits][vocab_size] into logits (host memory). */
+  int (*execute_step)(executor *ex, uint64_t step_id, const ts_batch *b, float *logits,
+                      ts_err *err);
+  /* 0 when every worker answers; an error naming the dead or stalled worker otherwise. */
+  int (*health)(executor *ex, ts_err *err);
+  /* Stops the workers and frees the executor (not the model it was given). */
+  void (*shutdown)(executor *ex);
+} executor_ops;
+
+struct executor {
+  const executor_ops *ops;
+  executor_info info;
+  void *impl;
+};
+
+/* In-process executor over an already loaded model (which the caller keeps and frees after
+ * executor_shutdown). */
+int executor_uni_create(executor **out, struct model *m, ts_err *err);
+
+static inline int executor_init_kv(executor *ex, int block_size, int64_t kv_cache_bytes,
+                                   int n_blocks, int *n_blocks_out, ts_err *err) {
+  return ex->ops->init_kv(ex, block_size, kv_cache_bytes, n_blocks, n_blocks_out, err);
+}
+static inline int executor_execute_step(executor *ex, uint64_t step_id, const ts_batch *b,
+                                        float *logits, ts_err *err) {
+  return ex->ops->execute_step(ex, step_id, b, logits, err);
+}
+static inline int executor_health(executor *ex, ts_err *err) {
+  return ex->ops->health ? ex->ops->health(ex, err) : 0;
+}
+static inline void executor_shutdown(executor *ex) {
+  if (ex) ex->ops->shutdown(ex);
+}
+
+#endif
