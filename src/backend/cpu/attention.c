@@ -1,0 +1,69 @@
+/* CPU causal attention over the paged KV cache. One work item is one (token, query head): it
+ * walks the token's sequence through the staged block table up to its own position (causal),
+ * with grouped-query sharing of KV heads, and a max-subtracted softmax in float32. */
+#include <math.h>
+#include <string.h>
+
+#include "backend/cpu/cpu_backend.h"
+
+typedef struct {
+  cpu_ctx *c;
+  const kv_cache *kv;
+  int layer;
+  const float *q; /* [n_tokens][n_head_l][hd] */
+  int n_head_l;
+  float scale;
+  float *out;     /* [n_tokens][n_head_l][hd] */
+} attn_job;
+
+static void attn_items(void *arg, int64_t i0, int64_t i1, int thread) {
+  attn_job *j = arg;
+  cpu_ctx *c = j->c;
+  const kv_cache *kv = j->kv;
+  const int hd = kv->head_dim, n_kv = kv->n_kv_l, bs = kv->block_size;
+  const int group = j->n_head_l / n_kv;
+  const float *K = kv->k[j->layer], *V = kv->v[j->layer]; /* [n_blocks][bs][n_kv][hd] */
+  float *scores = cpu_scratch(c, thread); /* [max_ctx] */
+  for (int64_t it = i0; it < i1; it++) {
+    int t = (int)(it / j->n_head_l), h = (int)(it % j->n_head_l);
+    int kvh = h / group;
+    const int32_t *table = c->block_table + (size_t)c->tok_seq[t] * c->max_blocks;
+    const float *qv = j->q + (size_t)it * hd;
+    float *o = j->out + (size_t)it * hd;
+    int n_ctx = c->pos[t] + 1; /* keys at positions 0..pos */
+    float mx = -INFINITY;
+    for (int p = 0; p < n_ctx; p++) {
+      size_t row = (size_t)table[p / bs] * bs + (size_t)(p % bs);
+      const float *kr = K + (row * n_kv + kvh) * hd;
+      float s = cpu_dot(c, qv, kr, hd) * j->scale;
+      scores[p] = s;
+      if (s > mx) mx = s;
+    }
+    float sum = 0;
+    for (int p = 0; p < n_ctx; p++) {
+      scores[p] = expf(scores[p] - mx);
+      sum += scores[p];
+    }
+    float inv = 1.0f / sum;
+    memset(o, 0, (size_t)hd * sizeof(float));
+    for (int p = 0; p < n_ctx; p++) {
+      size_t row = (size_t)table[p / bs] * bs + (size_t)(p % bs);
+      const float *vr = V + (row * n_kv + kvh) * hd;
+      float w = scores[p] * inv;
+      for (int d = 0; d < hd; d++) o[d] += w * vr[d];
+    }
+  }
+}
+
+void cpu_attention(void *ctx, const kv_cache *kv, int layer, const float *q, int n_head_l,
+                   float scale, float *out) {
+  cpu_ctx *c = ctx;
+  int64_t items = (int64_t)c->n_tokens * n_head_l;
+  if (items <= 0) return;
+  if (cpu_scratch_reserve(c, (size_t)c->max_ctx + 1) < 0) {
+    for (int64_t i = 0; i < items * kv->head_dim; i++) out[i] = NAN;
+    return;
+  }
+  attn_job j = {c, kv, layer, q, n_head_l, scale, out};
+  threadpool_parallel_for(c->pool, items, 1, attn_items, &j);
+}

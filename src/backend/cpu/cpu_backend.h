@@ -1,0 +1,79 @@
+/* The CPU backend's shared state and the kernel entry points of its op families (matmul.c,
+ * attention.c, norm_rope.c, cpu_backend.c). Activations are plain host float32 arrays; weights
+ * stay views into the mapped files in their own dtype and are widened one row at a time. */
+#ifndef TESSERA_CPU_BACKEND_H
+#define TESSERA_CPU_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend/backend.h"
+#include "util/threadpool.h"
+
+typedef struct {
+  threadpool *pool;
+  int n_threads;
+  int simd; /* 1: AVX2+FMA(+F16C) kernels; 0: portable scalar kernels */
+
+  /* The staged step (step_begin). */
+  int n_tokens;
+  int32_t *tokens;   /* [n_tokens] */
+  int32_t *pos;      /* [n_tokens] */
+  int32_t *tok_seq;  /* [n_tokens] sequence index of each token */
+  int64_t *slot;     /* [n_tokens] physical KV row: block * block_size + pos % block_size */
+  int n_seqs;
+  int max_blocks;
+  int32_t *block_table; /* [n_seqs][max_blocks] */
+  int max_ctx;          /* longest context of the step */
+  size_t cap_tokens, cap_table;
+
+  /* RoPE cos/sin of the staged positions, [n_tokens][hd/2] each, valid while rope_key matches. */
+  float *rope_cos, *rope_sin;
+  size_t cap_rope;
+  int rope_valid;
+  int rope_hd;
+  rope_params rope_key;
+
+  /* Per-thread scratch: [n_threads][scratch_per_thread] floats (matmul row widening, attention
+   * scores). Grown on demand from the calling thread before a parallel op. */
+  float *scratch;
+  size_t scratch_per_thread;
+} cpu_ctx;
+
+/* Creates the CPU backend with `threads` threads (0 = all cores). */
+int backend_cpu_create(backend **out, int threads, ts_err *err);
+/* Tests: force the portable kernels (on = 1) or re-enable SIMD when the CPU has it (on = 0). */
+void cpu_backend_force_scalar(backend *b, int on);
+
+/* Makes sure every thread has at least n floats of scratch; returns 0 or TS_ENOMEM. */
+int cpu_scratch_reserve(cpu_ctx *c, size_t n);
+/* Makes room for n floats in each of rope_cos and rope_sin. */
+int cpu_rope_reserve(cpu_ctx *c, size_t n);
+static inline float *cpu_scratch(cpu_ctx *c, int thread) {
+  return c->scratch + (size_t)thread * c->scratch_per_thread;
+}
+
+/* Widens n elements of one weight row (n a multiple of the dtype's block) to float32. */
+void cpu_row_to_f32(const cpu_ctx *c, ts_dtype dt, const void *src, int64_t n, float *dst);
+/* Address of row r of a 2-D weight (honours row_stride). */
+static inline const void *cpu_weight_row(const ts_tensor *w, int64_t r) {
+  int64_t stride = w->row_stride ? w->row_stride : w->shape[w->ndim - 1];
+  return (const char *)w->data + ts_dtype_bytes(w->dtype, stride) * (size_t)r;
+}
+/* Dot product of two float32 vectors. */
+float cpu_dot(const cpu_ctx *c, const float *a, const float *b, int64_t n);
+/* Whether the CPU kernels can read a weight of this dtype. */
+int cpu_dtype_supported(ts_dtype dt);
+
+/* Op entry points (the backend_ops slots). */
+void cpu_matmul(void *ctx, const float *x, const ts_tensor *w, const ts_tensor *bias, int n,
+                float *y);
+void cpu_rmsnorm(void *ctx, const float *x, const ts_tensor *w, float eps, int rows, int dim,
+                 float *out);
+void cpu_add_rmsnorm(void *ctx, float *residual, const float *x, const ts_tensor *w, float eps,
+                     int rows, int dim, float *out);
+void cpu_rope(void *ctx, float *x, int heads, int hd, const rope_params *rp);
+void cpu_attention(void *ctx, const kv_cache *kv, int layer, const float *q, int n_head_l,
+                   float scale, float *out);
+
+#endif
