@@ -2,6 +2,7 @@
 #ifndef TESSERA_MODEL_CONFIG_H
 #define TESSERA_MODEL_CONFIG_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "util/status.h"
@@ -40,6 +41,17 @@ typedef struct {
   int eos_ids[MODEL_MAX_EOS];
   int n_eos;
 } model_config;
+
+/* Parses config.json text (name is used in error lines) into cfg. Fields generation_config.json
+ * does not carry (bos/eos) are taken from config.json when present. */
+int config_from_hf_json(model_config *cfg, const char *json, size_t len, const char *name,
+                        ts_err *err);
+/* Overrides bos/eos from generation_config.json text (eos_token_id: int or list). */
+int config_apply_generation_json(model_config *cfg, const char *json, size_t len, const char *name,
+                                 ts_err *err);
+/* Reads the hyper-parameters from GGUF metadata (general.architecture = llama|qwen2|qwen3). */
+struct gguf_file;
+int config_from_gguf(model_config *cfg, const struct gguf_file *g, ts_err *err);
 
 /* Which part of the model this process holds. One rank: {0,1,0,1} and the full layer range. */
 typedef struct {

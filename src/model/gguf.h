@@ -57,6 +57,7 @@ typedef struct gguf_file {
   gguf_tensor *tensors;
   uint64_t alignment;
   uint64_t data_offset;
+  int mapped;         /* 1 when gguf_open mapped the file (gguf_close unmaps it) */
 } gguf_file;
 
 /* Opens and maps path; errors name the file and what is wrong ("truncated tensor table", ...). */
