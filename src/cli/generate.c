@@ -205,9 +205,9 @@ static int run(const gen_args *a, ts_err *err) {
   hub_options ho = {a->revision, isatty(STDERR_FILENO)};
   int rc = hub_resolve(a->model, &ho, path, sizeof path, err);
   if (rc < 0) return rc;
-  if ((rc = tok_load_path(&g.tok, path, err)) < 0) goto done;
   if ((rc = backend_create(&g.be, a->device, (int)a->threads, err)) < 0) goto done;
   if ((rc = model_load(&g.m, path, NULL, g.be, GEN_PREFILL, err)) < 0) goto done;
+  if ((rc = tok_load_path(&g.tok, path, err)) < 0) goto done;
   const model_config *c = &g.m->cfg;
 
   /* The prompt; an empty one starts from BOS. */
