@@ -1,0 +1,10 @@
+/* Gated activations: SiLU(gate) * up. */
+#ifndef TESSERA_CUDA_ACT_CUH
+#define TESSERA_CUDA_ACT_CUH
+
+#include "cuda_common.cuh"
+
+/* gate, up, out [n][d] */
+void cuda_op_silu_mul(void *ctx, const float *gate, const float *up, int n, int d, float *out);
+
+#endif

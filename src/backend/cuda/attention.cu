@@ -1,0 +1,290 @@
+/* Causal attention over the paged KV cache, one kernel for decode, prefill and mixed steps.
+ *
+ * A block owns up to 16 query rows: a tile of tq consecutive tokens of one sequence times hpt
+ * query heads that share one KV head (tq * hpt <= 16). Decode (one token) gets all heads of a
+ * GQA group in one block, so each K/V tile is read once for the group; prefill gets tiles of
+ * several tokens. K/V are read 32 positions at a time into shared memory through the block table
+ * and folded into an online softmax (running max m, sum l, unnormalised acc) per row, all in
+ * float32. When the step has few blocks and long contexts, the key range is also split over
+ * gridDim.z: each split writes (m, l, acc) to a workspace and a second kernel combines them.
+ *
+ * Warp w owns rows w, w+4, w+8, w+12; in the score phase lane j owns key j of the tile, in the
+ * P.V phase lane j owns dimensions j, j+32, ... (NI of them, hd <= 32 * NI). */
+#include <math.h>
+
+#include "attention.cuh"
+
+#define ATT_THREADS 128
+#define ATT_WARPS (ATT_THREADS / 32)
+#define ATT_BK 32
+#define ATT_ROWS_PER_WARP (CUDA_ATTN_ROWS / ATT_WARPS)
+
+struct att_args {
+  const float *q;         /* [n_tokens][n_head][hd] */
+  float *out;             /* [n_tokens][n_head][hd] */
+  float *ws_acc;          /* [n_splits][n_tokens][n_head][hd] when n_splits > 1 */
+  float *ws_ml;           /* [n_splits][n_tokens][n_head][2] */
+  const void *kc, *vc;    /* [n_blocks][block_size][n_kv][hd] */
+  const int32_t *tiles;   /* [n_tiles][2] (seq, first token) */
+  const int32_t *seq_start, *pos, *ctx_len, *block_table;
+  int max_blocks, block_size, n_kv, n_head, hd, group, hpt, head_tiles, tq;
+  int n_tokens, n_splits, chunk;
+  float scale;
+};
+
+static size_t att_smem_bytes(int hd) {
+  return sizeof(float) * ((size_t)CUDA_ATTN_ROWS * hd + (size_t)ATT_BK * (hd + 1) +
+                          (size_t)ATT_BK * hd);
+}
+
+template <int NI, typename KT>
+__global__ void __launch_bounds__(ATT_THREADS) attention_kernel(att_args a) {
+  extern __shared__ float smem[];
+  const int hd = a.hd;
+  float *qs = smem;                               /* [16][hd] */
+  float *ks = qs + CUDA_ATTN_ROWS * hd;           /* [32][hd+1], padded against bank conflicts */
+  float *vs = ks + ATT_BK * (hd + 1);             /* [32][hd] */
+  const KT *kc = (const KT *)a.kc, *vc = (const KT *)a.vc;
+
+  const int tile = blockIdx.x;
+  const int kvh = blockIdx.y / a.head_tiles;
+  const int head0 = kvh * a.group + (blockIdx.y % a.head_tiles) * a.hpt;
+  const int heads_here = min(a.hpt, a.group - (blockIdx.y % a.head_tiles) * a.hpt);
+  const int split = blockIdx.z;
+  const int s = a.tiles[2 * tile], t0 = a.tiles[2 * tile + 1];
+  const int nt = min(a.tq, a.seq_start[s + 1] - t0);
+  const int ctx = a.ctx_len[s];
+  const int32_t *bt = a.block_table + (size_t)s * a.max_blocks;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+  /* Row r is token t0 + r / hpt, head head0 + r % hpt; rows past nt * hpt or the group are idle. */
+  int klim[ATT_ROWS_PER_WARP];
+  int kmax = 0;
+  for (int r = 0; r < nt * a.hpt; r++)
+    if (r % a.hpt < heads_here) kmax = max(kmax, min(a.pos[t0 + r / a.hpt] + 1, ctx));
+#pragma unroll
+  for (int i = 0; i < ATT_ROWS_PER_WARP; i++) {
+    int r = warp + ATT_WARPS * i;
+    klim[i] = (r < nt * a.hpt && r % a.hpt < heads_here) ? min(a.pos[t0 + r / a.hpt] + 1, ctx) : 0;
+  }
+  for (int idx = threadIdx.x; idx < CUDA_ATTN_ROWS * hd; idx += ATT_THREADS) {
+    int r = idx / hd, d = idx % hd;
+    float v = 0.0f;
+    if (r < nt * a.hpt && r % a.hpt < heads_here)
+      v = a.q[((size_t)(t0 + r / a.hpt) * a.n_head + head0 + r % a.hpt) * hd + d];
+    qs[idx] = v;
+  }
+
+  const int k_begin = split * a.chunk;
+  const int k_end = min(kmax, k_begin + a.chunk);
+
+  float m[ATT_ROWS_PER_WARP], l[ATT_ROWS_PER_WARP], acc[ATT_ROWS_PER_WARP][NI];
+#pragma unroll
+  for (int i = 0; i < ATT_ROWS_PER_WARP; i++) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NI; n++) acc[i][n] = 0.0f;
+  }
+
+  for (int k0 = k_begin; k0 < k_end; k0 += ATT_BK) {
+    const int kn = min(ATT_BK, k_end - k0);
+    __syncthreads(); /* the previous tile is no longer read (and qs is written, first time) */
+    for (int idx = threadIdx.x; idx < ATT_BK * hd; idx += ATT_THREADS) {
+      int j = idx / hd, d = idx % hd;
+      float kv = 0.0f, vv = 0.0f;
+      if (j < kn) {
+        int p = k0 + j;
+        size_t phys = (size_t)bt[p / a.block_size] * a.block_size + p % a.block_size;
+        size_t off = (phys * a.n_kv + kvh) * hd + d;
+        kv = cuda_ld(kc + off);
+        vv = cuda_ld(vc + off);
+      }
+      ks[j * (hd + 1) + d] = kv;
+      vs[j * hd + d] = vv;
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int i = 0; i < ATT_ROWS_PER_WARP; i++) {
+      if (klim[i] <= k0) continue; /* warp-uniform: the row's causal limit is before this tile */
+      const int r = warp + ATT_WARPS * i;
+      const int p = k0 + lane;
+      float sc = -INFINITY;
+      if (lane < kn && p < klim[i]) {
+        const float *qr = qs + r * hd, *kr = ks + lane * (hd + 1);
+        float dot = 0.0f;
+        for (int d = 0; d < hd; d++) dot += qr[d] * kr[d];
+        sc = dot * a.scale;
+      }
+      float m_new = fmaxf(m[i], cuda_warp_max(sc));
+      /* m_new is finite: the row has at least key k0 (klim > k0). */
+      float pj = sc == -INFINITY ? 0.0f : expf(sc - m_new);
+      float alpha = m[i] == -INFINITY ? 0.0f : expf(m[i] - m_new);
+      l[i] = l[i] * alpha + cuda_warp_sum(pj);
+      m[i] = m_new;
+#pragma unroll
+      for (int n = 0; n < NI; n++) acc[i][n] *= alpha;
+      for (int j = 0; j < kn; j++) {
+        float pb = __shfl_sync(0xffffffffu, pj, j);
+        const float *vr = vs + j * hd;
+#pragma unroll
+        for (int n = 0; n < NI; n++) {
+          int d = lane + 32 * n;
+          if (d < hd) acc[i][n] += pb * vr[d];
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < ATT_ROWS_PER_WARP; i++) {
+    const int r = warp + ATT_WARPS * i;
+    if (r >= nt * a.hpt || r % a.hpt >= heads_here) continue;
+    const int t = t0 + r / a.hpt, h = head0 + r % a.hpt;
+    const size_t row = (size_t)t * a.n_head + h;
+    if (a.n_splits == 1) {
+      float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+#pragma unroll
+      for (int n = 0; n < NI; n++) {
+        int d = lane + 32 * n;
+        if (d < hd) a.out[row * hd + d] = acc[i][n] * inv;
+      }
+    } else {
+      size_t wrow = (size_t)split * a.n_tokens * a.n_head + row;
+#pragma unroll
+      for (int n = 0; n < NI; n++) {
+        int d = lane + 32 * n;
+        if (d < hd) a.ws_acc[wrow * hd + d] = acc[i][n];
+      }
+      if (lane == 0) {
+        a.ws_ml[2 * wrow] = m[i];
+        a.ws_ml[2 * wrow + 1] = l[i];
+      }
+    }
+  }
+}
+
+/* grid (n_tokens, n_head): merges the splits' partial softmaxes of one row. */
+__global__ void attention_combine_kernel(const float *ws_acc, const float *ws_ml, int n_splits,
+                                         int n_rows, int hd, float *out) {
+  const size_t row = (size_t)blockIdx.x * gridDim.y + blockIdx.y;
+  float m_max = -INFINITY;
+  for (int sp = 0; sp < n_splits; sp++) {
+    size_t w = (size_t)sp * n_rows + row;
+    if (ws_ml[2 * w + 1] > 0.0f) m_max = fmaxf(m_max, ws_ml[2 * w]);
+  }
+  float denom = 0.0f;
+  for (int sp = 0; sp < n_splits; sp++) {
+    size_t w = (size_t)sp * n_rows + row;
+    if (ws_ml[2 * w + 1] > 0.0f) denom += ws_ml[2 * w + 1] * expf(ws_ml[2 * w] - m_max);
+  }
+  float inv = denom > 0.0f ? 1.0f / denom : 0.0f;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float v = 0.0f;
+    for (int sp = 0; sp < n_splits; sp++) {
+      size_t w = (size_t)sp * n_rows + row;
+      if (ws_ml[2 * w + 1] > 0.0f) v += ws_acc[w * hd + d] * expf(ws_ml[2 * w] - m_max);
+    }
+    out[row * hd + d] = v * inv;
+  }
+}
+
+template <int NI, typename KT>
+static void attention_launch(cuda_ctx *c, dim3 grid, const att_args &a) {
+  size_t smem = att_smem_bytes(a.hd);
+  /* Above 48 KiB a kernel must opt in; the attribute is cheap to set again. */
+  if (smem > 48 * 1024 &&
+      CUDA_CHECK(c, cudaFuncSetAttribute(attention_kernel<NI, KT>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)))
+    return;
+  attention_kernel<NI, KT><<<grid, ATT_THREADS, smem, c->stream>>>(a);
+  CUDA_CHECK_LAUNCH(c, "attention_kernel");
+}
+
+template <typename KT>
+static void attention_dispatch_ni(cuda_ctx *c, dim3 grid, const att_args &a) {
+  int ni = (a.hd + 31) / 32;
+  if (ni <= 1) attention_launch<1, KT>(c, grid, a);
+  else if (ni <= 2) attention_launch<2, KT>(c, grid, a);
+  else if (ni <= 4) attention_launch<4, KT>(c, grid, a);
+  else attention_launch<8, KT>(c, grid, a);
+}
+
+void cuda_op_attention(void *ctx, const kv_cache *kv, int layer, const float *q, int n_head_l,
+                       float scale, float *out) {
+  cuda_ctx *c = (cuda_ctx *)ctx;
+  if (c->n_tokens <= 0) return;
+  const int n_kv = kv->n_kv_l, hd = kv->head_dim;
+  if (n_kv <= 0 || n_head_l % n_kv != 0 || hd > 256 || hd <= 0) {
+    cuda_fail(c, TS_EUNSUPPORTED,
+              "CUDA attention: %d query heads over %d KV heads of dim %d not supported "
+              "(heads must be a multiple of KV heads, head_dim <= 256)",
+              n_head_l, n_kv, hd);
+    return;
+  }
+  if (c->block_size != kv->block_size) {
+    cuda_fail(c, TS_EINVAL, "CUDA attention: the step was staged for another KV cache");
+    return;
+  }
+  const int group = n_head_l / n_kv;
+  const int hpt = group < CUDA_ATTN_ROWS ? group : CUDA_ATTN_ROWS;
+  int tqi = 0; /* largest token tile with tq * hpt <= 16 */
+  while (tqi + 1 < CUDA_ATTN_TQ_COUNT && (2 << tqi) * hpt <= CUDA_ATTN_ROWS) tqi++;
+  const int head_tiles = (group + hpt - 1) / hpt;
+
+  att_args a;
+  a.q = q;
+  a.out = out;
+  a.kc = kv->k[layer];
+  a.vc = kv->v[layer];
+  a.tiles = c->d_tiles[tqi];
+  a.seq_start = c->d_seq_start;
+  a.pos = c->d_pos;
+  a.ctx_len = c->d_ctx_len;
+  a.block_table = c->d_block_table;
+  a.max_blocks = c->max_blocks;
+  a.block_size = kv->block_size;
+  a.n_kv = n_kv;
+  a.n_head = n_head_l;
+  a.hd = hd;
+  a.group = group;
+  a.hpt = hpt;
+  a.head_tiles = head_tiles;
+  a.tq = 1 << tqi;
+  a.n_tokens = c->n_tokens;
+  a.scale = scale;
+
+  /* Split the key range only when the grid would leave most multiprocessors idle. */
+  int64_t blocks = (int64_t)c->n_tiles[tqi] * n_kv * head_tiles;
+  int n_splits = 1, chunk = c->max_ctx > 0 ? c->max_ctx : 1;
+  if (c->max_ctx >= 512 && blocks < 2 * (int64_t)c->sm_count) {
+    int64_t want = (2 * (int64_t)c->sm_count + blocks - 1) / blocks;
+    int64_t most = (c->max_ctx + 255) / 256; /* at least 256 keys per split */
+    n_splits = (int)(want < most ? want : most);
+    chunk = (c->max_ctx + n_splits - 1) / n_splits;
+    chunk = (chunk + ATT_BK - 1) / ATT_BK * ATT_BK;
+    n_splits = (c->max_ctx + chunk - 1) / chunk;
+  }
+  a.n_splits = n_splits;
+  a.chunk = chunk;
+  a.ws_acc = a.ws_ml = NULL;
+  if (n_splits > 1) {
+    size_t rows = (size_t)c->n_tokens * n_head_l * n_splits;
+    size_t floats = rows * hd + rows * 2;
+    if (cuda_scratch_reserve(c, (void **)&c->attn_ws, &c->attn_ws_cap, floats * sizeof(float)))
+      return;
+    a.ws_acc = c->attn_ws;
+    a.ws_ml = c->attn_ws + rows * hd;
+  }
+
+  dim3 grid((unsigned)c->n_tiles[tqi], (unsigned)(n_kv * head_tiles), (unsigned)n_splits);
+  CUDA_DISPATCH_FLOAT(c, kv->dtype, "attention KV cache", KT,
+                      attention_dispatch_ni<KT>(c, grid, a));
+  if (n_splits > 1 && !c->err_code) {
+    attention_combine_kernel<<<dim3((unsigned)c->n_tokens, (unsigned)n_head_l), 128, 0,
+                               c->stream>>>(a.ws_acc, a.ws_ml, n_splits, c->n_tokens * n_head_l,
+                                            hd, out);
+    CUDA_CHECK_LAUNCH(c, "attention_combine_kernel");
+  }
+}

@@ -1,0 +1,117 @@
+/* Shared state of the CUDA backend (context, staged step plan, scratch buffers), the sticky
+ * error that the void ops record and step_begin/sync report, and device-side dtype helpers. */
+#ifndef TESSERA_CUDA_COMMON_CUH
+#define TESSERA_CUDA_COMMON_CUH
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+extern "C" {
+#include "backend/backend.h"
+#include "util/status.h"
+#include "util/tensor.h"
+}
+
+/* Attention tiles: a block owns up to CUDA_ATTN_ROWS (token, head) query rows of one sequence
+ * and one KV head; token tiles of 1..16 tokens are staged for each power of two. */
+#define CUDA_ATTN_ROWS 16
+#define CUDA_ATTN_TQ_COUNT 5 /* tile sizes 1, 2, 4, 8, 16 tokens */
+
+typedef struct cuda_ctx {
+  int device;
+  int sm_count;
+  cudaStream_t stream;
+  cublasHandle_t cublas;
+  void *cublas_ws; /* fixed cuBLAS workspace, so a later graph capture allocates nothing */
+  size_t cublas_ws_bytes;
+
+  /* First failure of a void op; reported by step_begin and sync until the context is freed,
+   * since a failed launch can leave the device context unusable. */
+  int err_code;
+  char err_msg[512];
+
+  /* The staged step plan: one pinned host buffer copied by one async copy into plan_dev. */
+  void *plan_host;
+  void *plan_dev;
+  size_t plan_cap;
+  cudaEvent_t plan_copied; /* the host buffer may be rewritten once this has fired */
+  int n_tokens, n_seqs, max_blocks, max_ctx, block_size, n_logits;
+  const int32_t *host_logits_rows; /* the batch's own pointer, to recognise it in gather_rows */
+  int32_t *d_tokens;      /* [n_tokens] */
+  int32_t *d_pos;         /* [n_tokens] */
+  int32_t *d_seq_start;   /* [n_seqs+1] */
+  int32_t *d_ctx_len;     /* [n_seqs] */
+  int32_t *d_block_table; /* [n_seqs][max_blocks] */
+  int32_t *d_logits_rows; /* [n_logits] */
+  int64_t *d_slot;        /* [n_tokens] physical KV row: block * block_size + pos % block_size */
+  int32_t *d_tiles[CUDA_ATTN_TQ_COUNT]; /* [n_tiles][2] (seq, first token) per tile size */
+  int n_tiles[CUDA_ATTN_TQ_COUNT];
+
+  /* Scratch, grown on demand (growth frees the old buffer, which waits for the device). */
+  void *conv;      /* matmul activations narrowed to the weight's 16-bit type */
+  size_t conv_cap;
+  float *attn_ws;  /* split-KV partial results */
+  size_t attn_ws_cap;
+  int32_t *rows_dev; /* gather_rows indices that arrived in host memory */
+  size_t rows_cap;
+} cuda_ctx;
+
+/* Records the first failure (printf-style) in the context. */
+void cuda_fail(cuda_ctx *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Records e (if not cudaSuccess) with the call's text, file and line; returns 0 on success. */
+int cuda_check_at(cuda_ctx *c, cudaError_t e, const char *what, const char *file, int line);
+int cublas_check_at(cuda_ctx *c, cublasStatus_t s, const char *what, const char *file, int line);
+#define CUDA_CHECK(c, call) cuda_check_at((c), (call), #call, __FILE__, __LINE__)
+#define CUBLAS_CHECK(c, call) cublas_check_at((c), (call), #call, __FILE__, __LINE__)
+/* After a kernel launch: records a launch-configuration error. */
+#define CUDA_CHECK_LAUNCH(c, name) cuda_check_at((c), cudaGetLastError(), name, __FILE__, __LINE__)
+
+/* Grows a device scratch buffer to at least `bytes`; returns 0 or records the failure. */
+int cuda_scratch_reserve(cuda_ctx *c, void **buf, size_t *cap, size_t bytes);
+
+/* Elements between rows of a 2-D weight (row_stride 0 means packed). */
+static inline int64_t cuda_weight_stride(const ts_tensor *w) {
+  return w->row_stride ? w->row_stride : w->shape[w->ndim - 1];
+}
+
+/* Float-like element types the kernels read: weights, KV cache. */
+__device__ __forceinline__ float cuda_ld(const float *p) { return *p; }
+__device__ __forceinline__ float cuda_ld(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float cuda_ld(const __half *p) { return __half2float(*p); }
+__device__ __forceinline__ void cuda_st(float *p, float v) { *p = v; }
+__device__ __forceinline__ void cuda_st(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void cuda_st(__half *p, float v) { *p = __float2half_rn(v); }
+
+/* Runs BODY with T bound to the device type of dtype dt (F32, BF16, F16); else records an error. */
+#define CUDA_DISPATCH_FLOAT(c, dt, what, T, ...)                                    \
+  do {                                                                              \
+    switch (dt) {                                                                   \
+      case TS_F32: { typedef float T; __VA_ARGS__; } break;                         \
+      case TS_BF16: { typedef __nv_bfloat16 T; __VA_ARGS__; } break;                \
+      case TS_F16: { typedef __half T; __VA_ARGS__; } break;                        \
+      default:                                                                      \
+        cuda_fail((c), TS_EUNSUPPORTED, "CUDA backend: %s: dtype %s not supported", \
+                  (what), ts_dtype_table[(dt)].name);                               \
+    }                                                                               \
+  } while (0)
+
+static inline unsigned cuda_blocks(int64_t n, int threads) {
+  return (unsigned)((n + threads - 1) / threads);
+}
+
+__device__ __forceinline__ float cuda_warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float cuda_warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+#endif

@@ -1,0 +1,11 @@
+/* Matrix products through cuBLAS: y = x @ w^T (+ bias), float32 activations. */
+#ifndef TESSERA_CUDA_MATMUL_CUH
+#define TESSERA_CUDA_MATMUL_CUH
+
+#include "cuda_common.cuh"
+
+/* x [n][k]; w [m][k] (F32, BF16 or F16, on the device); bias [m] or NULL; y [n][m] */
+void cuda_op_matmul(void *ctx, const float *x, const ts_tensor *w, const ts_tensor *bias, int n,
+                    float *y);
+
+#endif

@@ -1,0 +1,55 @@
+/* RMSNorm and the fused residual add + RMSNorm: one block per row, float32 sum of squares.
+ * Each thread reads and writes the same indices in both passes, so out may alias x. */
+#include "norm.cuh"
+
+#define NORM_THREADS 256
+
+template <typename W>
+__global__ void rmsnorm_kernel(float *residual, const float *x, const W *w, float eps, int dim,
+                               float *out) {
+  __shared__ float partial[NORM_THREADS / 32];
+  size_t base = (size_t)blockIdx.x * dim;
+  const float *xr = x + base;
+  float *rr = residual ? residual + base : NULL;
+  float ss = 0.0f;
+  for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+    float v = xr[j];
+    if (rr) {
+      v += rr[j];
+      rr[j] = v;
+    }
+    ss += v * v;
+  }
+  ss = cuda_warp_sum(ss);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0f;
+    v = cuda_warp_sum(v);
+    if (threadIdx.x == 0) partial[0] = v;
+  }
+  __syncthreads();
+  float inv = 1.0f / sqrtf(partial[0] / (float)dim + eps);
+  const float *src = rr ? rr : xr;
+  float *o = out + base;
+  for (int j = threadIdx.x; j < dim; j += blockDim.x) o[j] = src[j] * inv * cuda_ld(w + j);
+}
+
+static void norm_launch(cuda_ctx *c, float *residual, const float *x, const ts_tensor *w,
+                        float eps, int rows, int dim, float *out) {
+  if (rows <= 0 || dim <= 0) return;
+  CUDA_DISPATCH_FLOAT(c, w->dtype, "rmsnorm", W,
+                      rmsnorm_kernel<W><<<rows, NORM_THREADS, 0, c->stream>>>(
+                          residual, x, (const W *)w->data, eps, dim, out);
+                      CUDA_CHECK_LAUNCH(c, "rmsnorm_kernel"));
+}
+
+void cuda_op_rmsnorm(void *ctx, const float *x, const ts_tensor *w, float eps, int rows, int dim,
+                     float *out) {
+  norm_launch((cuda_ctx *)ctx, NULL, x, w, eps, rows, dim, out);
+}
+
+void cuda_op_add_rmsnorm(void *ctx, float *residual, const float *x, const ts_tensor *w, float eps,
+                         int rows, int dim, float *out) {
+  norm_launch((cuda_ctx *)ctx, residual, x, w, eps, rows, dim, out);
+}

@@ -1,0 +1,14 @@
+/* RMSNorm and the fused residual add + RMSNorm. */
+#ifndef TESSERA_CUDA_NORM_CUH
+#define TESSERA_CUDA_NORM_CUH
+
+#include "cuda_common.cuh"
+
+/* out = rmsnorm(x) * w   x, out [rows][dim]; w [dim] */
+void cuda_op_rmsnorm(void *ctx, const float *x, const ts_tensor *w, float eps, int rows, int dim,
+                     float *out);
+/* residual += x; out = rmsnorm(residual) * w */
+void cuda_op_add_rmsnorm(void *ctx, float *residual, const float *x, const ts_tensor *w, float eps,
+                         int rows, int dim, float *out);
+
+#endif
