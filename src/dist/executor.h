@@ -21,6 +21,7 @@ typedef struct {
   int vocab_size;
   int max_pos;        /* max_position_embeddings: the longest context the model supports */
   int max_tokens;     /* most tokens one step may carry (activation buffers were sized for it) */
+  int64_t kv_bytes_per_token; /* KV cache bytes one token takes on the largest worker */
   int bos_id;         /* -1 when none */
   int n_eos;
   int eos_ids[MODEL_MAX_EOS]; /* ids that end generation according to the model config */

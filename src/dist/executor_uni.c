@@ -92,6 +92,7 @@ int executor_uni_create(executor **out, model *m, ts_err *err) {
   ex->info.vocab_size = m->cfg.vocab_size;
   ex->info.max_pos = m->cfg.max_pos;
   ex->info.max_tokens = m->max_tokens;
+  ex->info.kv_bytes_per_token = uni_block_bytes(m, 1);
   ex->info.bos_id = m->cfg.bos_id;
   ex->info.n_eos = m->cfg.n_eos < MODEL_MAX_EOS ? m->cfg.n_eos : MODEL_MAX_EOS;
   for (int i = 0; i < ex->info.n_eos; i++) ex->info.eos_ids[i] = m->cfg.eos_ids[i];

@@ -108,6 +108,7 @@ int block_manager_all_free(const block_manager *bm) {
   return block_manager_num_free(bm) == bm->n_blocks;
 }
 int block_manager_num_cached(const block_manager *bm) { return bm->n_cached; }
+int block_manager_prefix_caching(const block_manager *bm) { return bm->prefix_caching; }
 
 void block_table_init(block_table *t) { memset(t, 0, sizeof *t); }
 

@@ -33,6 +33,7 @@ int block_manager_num_free(const block_manager *bm);
 int block_manager_all_free(const block_manager *bm);
 /* Blocks that are in the prefix cache (held or not). */
 int block_manager_num_cached(const block_manager *bm);
+int block_manager_prefix_caching(const block_manager *bm);
 
 /* Table memory. A table must be released (block_manager_release) before block_table_free. */
 void block_table_init(block_table *t);

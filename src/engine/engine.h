@@ -68,6 +68,13 @@ typedef struct engine engine;
 
 int engine_create(engine **out, struct model *m, const struct tokenizer *tok,
                   const engine_config *cfg, ts_err *err);
+/* The same over any executor (uni, mp, ray); the engine owns ex from then on, even on failure.
+ * tok may be NULL: events then carry no text and stop strings are refused. */
+struct executor;
+int engine_create_with_executor(engine **out, struct executor *ex, const struct tokenizer *tok,
+                                const engine_config *cfg, ts_err *err);
+/* The limits the engine settled on (defaults filled in, clamped to the model). */
+void engine_get_config(const engine *e, engine_config *out);
 /* Stops the loop, fails every pending request with ENGINE_FINISH_ABORT, frees everything. */
 void engine_destroy(engine *e);
 

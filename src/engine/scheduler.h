@@ -1,0 +1,46 @@
+/* The scheduler: decides each step which sequences run and how many of their tokens (continuous
+ * batching; decodes and prefill chunks mixed under the token budget), admits waiting sequences
+ * while blocks and the sequence limit allow, and preempts the newest sequences when blocks run
+ * out (their blocks are freed and their tokens recomputed later). Engine thread only. */
+#ifndef TESSERA_SCHEDULER_H
+#define TESSERA_SCHEDULER_H
+
+#include <stdint.h>
+
+#include "engine/block_manager.h"
+#include "engine/request.h"
+
+typedef struct {
+  int max_num_seqs;
+  int max_num_batched_tokens;
+} scheduler_config;
+
+typedef struct {
+  scheduler_config cfg;
+  block_manager *bm;
+  engine_seq **running;  /* [max_num_seqs] in admission order: the tail is preempted first */
+  int n_running;
+  engine_seq **waiting;  /* [cap_waiting] first come, first served; preempted go to the front */
+  int n_waiting, cap_waiting;
+  engine_seq **sched;    /* [max_num_seqs] this step's sequences */
+  int n_sched;
+  int n_sched_tokens;
+  /* Counters (tokens for the cache). */
+  int64_t preemptions;
+  int64_t cache_queries, cache_hits;
+} scheduler;
+
+int scheduler_init(scheduler *s, const scheduler_config *cfg, block_manager *bm, ts_err *err);
+void scheduler_free(scheduler *s);
+
+/* Queues a new sequence at the back. */
+int scheduler_add(scheduler *s, engine_seq *q);
+/* Takes a sequence out (running or waiting) and frees its blocks. */
+void scheduler_remove(scheduler *s, engine_seq *q);
+/* Plans the next step: fills s->sched, sets each chosen sequence's sched_tokens. Returns the
+ * number of sequences scheduled. */
+int scheduler_schedule(scheduler *s);
+/* After a successful step: the scheduled tokens are now in the KV cache. */
+void scheduler_commit(scheduler *s);
+
+#endif
