@@ -7,7 +7,7 @@
 #include "backend/cpu/cpu_backend.h"
 
 #ifdef TESSERA_HAVE_CUDA
-int backend_cuda_create(backend **out, ts_err *err);
+#include "backend/cuda/backend_cuda.h"
 #endif
 
 int backend_create(backend **out, const char *device, int threads, ts_err *err) {
@@ -15,7 +15,7 @@ int backend_create(backend **out, const char *device, int threads, ts_err *err) 
   if (!device || !strcmp(device, "cpu")) return backend_cpu_create(out, threads, err);
   if (!strcmp(device, "cuda")) {
 #ifdef TESSERA_HAVE_CUDA
-    return backend_cuda_create(out, err);
+    return backend_cuda_create(out, 0, err);
 #else
     return ts_errorf(err, TS_EUNSUPPORTED,
                      "device 'cuda' is not available: this build has no CUDA backend (rebuild "
