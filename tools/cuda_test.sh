@@ -2,7 +2,8 @@
 # Builds the CUDA backend and its op test with nvcc/gcc directly (no pkg-config dependencies, so
 # it runs on a bare GPU machine), runs the test, then runs it again under compute-sanitizer's
 # memcheck and racecheck. Logs go to $OUT (or build-cuda-dev/) for collection.
-# Usage: bash tools/cuda_test.sh [arch, default 90]
+# With CUDA_BENCH=1 it also builds and runs bench/cuda_bench.c (timings of the hot ops).
+# Usage: [CUDA_BENCH=1] bash tools/cuda_test.sh [arch, default 90]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ARCH=${1:-90}
@@ -26,7 +27,15 @@ build() {
       -DTESSERA_SHARED_DEFAULT='"../shared"' -c "$f" -o "$o" || return 1
     objs+=("$o")
   done
-  g++ -o "$B/test_cuda_ops" "${objs[@]}" -L"$CUDA_HOME/lib64" -lcublas -lcudart -lm -lpthread
+  local lib=("${objs[@]}")
+  unset 'lib[${#lib[@]}-1]' # every object but the test's main
+  g++ -o "$B/test_cuda_ops" "${objs[@]}" -L"$CUDA_HOME/lib64" -lcublas -lcudart -lm -lpthread || return 1
+  if [ "${CUDA_BENCH:-0}" = 1 ]; then
+    gcc -O2 -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -Isrc -I"$CUDA_HOME/include" \
+      -c bench/cuda_bench.c -o "$B/cuda_bench.o" || return 1
+    g++ -o "$B/cuda_bench" "${lib[@]}" "$B/cuda_bench.o" -L"$CUDA_HOME/lib64" -lcublas -lcudart \
+      -lm -lpthread || return 1
+  fi
 }
 
 echo "== build (sm_$ARCH) =="
@@ -47,5 +56,9 @@ if command -v compute-sanitizer >/dev/null; then
   done
 else
   echo "compute-sanitizer not found"
+fi
+if [ "${CUDA_BENCH:-0}" = 1 ]; then
+  echo "== cuda_bench =="
+  "$B/cuda_bench" 2>&1 | tee "$LOG/bench.log" || status=1
 fi
 exit $status
