@@ -284,6 +284,13 @@ static int get_weight(loader *L, const char *name, int optional, int ndim, int64
                      "%s: tensor '%s' has unsupported dtype %s (supported: F32, F16, BF16%s)", bn,
                      name, bad_dtype ? bad_dtype : ts_dtype_table[out->dtype].name,
                      mf->fmt == MODEL_FMT_GGUF ? ", Q8_0, Q4_0, Q4_K, Q6_K" : "");
+  /* Kernels read elements in place, so a view must sit on its element alignment (writers pad
+   * the safetensors header to 8 bytes; GGUF aligns its data section). */
+  size_t align = ts_dtype_table[out->dtype].block_elems == 1
+                     ? (size_t)ts_dtype_table[out->dtype].block_bytes : 2;
+  if ((uintptr_t)out->data % align)
+    return ts_errorf(L->err, TS_EUNSUPPORTED,
+                     "%s: tensor '%s' data is not %zu-byte aligned in the file", bn, name, align);
   int64_t want[2] = {d0, d1};
   int same = out->ndim == ndim;
   for (int i = 0; same && i < ndim; i++) same = out->shape[i] == want[i];
