@@ -158,7 +158,13 @@ static int xfer(comm *c, xop *ops, int nops, const char *what, ts_err *err) {
     if (np == 0) break;
     int64_t left_ms = last_progress + t->io_timeout_ms - net_now_ms();
     if (left_ms <= 0) {
+      /* Blame a peer we wait to hear from before one we wait to write to. */
       const xop *op = &ops[map[0]];
+      for (int k = 0; k < np; k++)
+        if (!ops[map[k]].is_send) {
+          op = &ops[map[k]];
+          break;
+        }
       rc = fail(c, err, TS_ETIMEOUT, "%s: no progress %s rank %d (%s) for %d ms (%zu of %zu "
                 "bytes moved)", what, op->is_send ? "sending to" : "receiving from", op->peer,
                 t->addr[op->peer], t->io_timeout_ms, op->total - op->left, op->total);
@@ -402,7 +408,11 @@ static int accept_peers(comm *c, const comm_tcp_config *cfg, int lfd, int want, 
       snprintf(table[ph.rank].host, sizeof table[ph.rank].host, "%s", ph.host);
       table[ph.rank].port = ph.port;
     }
-    snprintf(t->addr[ph.rank], ADDR_MAX, "%s", who);
+    /* Name a rank by where it listens (stable across its connections) when it says so. */
+    if (ph.port > 0 && ph.host[0])
+      snprintf(t->addr[ph.rank], ADDR_MAX, "%.*s:%d", WIRE_HOST_MAX - 1, ph.host, (int)ph.port);
+    else
+      snprintf(t->addr[ph.rank], ADDR_MAX, "%s", who);
     want--;
   }
   return 0;

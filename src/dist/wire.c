@@ -777,6 +777,11 @@ static void peer_name(int fd, char *out, size_t len) {
   snprintf(out, len, "%s:%d", host, port);
 }
 
+static int64_t min_deadline(int64_t deadline_ms, int grace_ms) {
+  int64_t soon = net_now_ms() + grace_ms;
+  return soon < deadline_ms ? soon : deadline_ms;
+}
+
 /* Hello frames are small: a peer announcing more is not a tessera peer. */
 #define HELLO_MAX_PAYLOAD 4096
 
@@ -784,32 +789,35 @@ int wire_handshake_accept(int fd, const wire_hello *local, wire_hello *peer, int
                           ts_err *err) {
   char who[NET_HOST_MAX + 16];
   peer_name(fd, who, sizeof who);
+  ts_err e = {0};
   wire_frame f = {0};
   wire_hello_ack ack;
   memset(&ack, 0, sizeof ack);
   ack.hello = *local;
-  int rc = wire_recv_frame(fd, &f, HELLO_MAX_PAYLOAD, deadline_ms, err);
+  int rc = wire_recv_frame(fd, &f, HELLO_MAX_PAYLOAD, deadline_ms, &e);
   if (rc == 0 && f.type != WIRE_MSG_HELLO)
-    rc = ts_errorf(err, TS_EPROTO, "expected HELLO, got %s", wire_msg_name(f.type));
-  if (rc == 0) rc = wire_decode_hello(f.payload, f.len, peer, err);
+    rc = ts_errorf(&e, TS_EPROTO, "expected HELLO, got %s", wire_msg_name(f.type));
+  if (rc == 0) rc = wire_decode_hello(f.payload, f.len, peer, &e);
   if (rc == 0) {
     rc = wire_hello_verify(local, peer, ack.reason, sizeof ack.reason);
-    if (rc < 0) ts_errorf(err, rc, "%s", ack.reason);
+    if (rc < 0) ts_errorf(&e, rc, "%s", ack.reason);
   }
   wire_frame_free(&f);
   if (rc < 0) {
-    /* Tell a peer that reached HELLO why it was turned away, but never our secret. */
-    snprintf(ack.reason, sizeof ack.reason, "%.200s", err ? err->msg : "rejected");
+    /* Tell a peer that reached us why it was turned away, but never our secret. */
+    snprintf(ack.reason, sizeof ack.reason, "%.200s", e.msg);
     memset(ack.hello.secret, 0, sizeof ack.hello.secret);
   }
   ack.status = rc;
   wire_buf b;
   wire_buf_init(&b);
   int src = wire_encode_hello_ack(&b, &ack, NULL);
-  if (src == 0) src = wire_send(fd, &b, rc < 0 ? net_now_ms() + 200 : deadline_ms, NULL);
+  /* A rejected peer gets a short grace to read the answer; it may not be listening at all. */
+  if (src == 0) src = wire_send(fd, &b, rc < 0 ? min_deadline(deadline_ms, 200) : deadline_ms, NULL);
   wire_buf_free(&b);
   if (rc < 0) {
-    LOG_W("rejected connection from %s: %s", who, err ? err->msg : "handshake failed");
+    LOG_W("rejected connection from %s: %s", who, e.msg);
+    ts_errorf(err, rc, "%s", e.msg);
     return ts_err_prefix(err, "handshake with %s", who);
   }
   if (src < 0) return ts_errorf(err, TS_ENET, "handshake with %s: could not send HELLO_ACK", who);
