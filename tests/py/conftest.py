@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def tessera():
-    exe = ROOT / "build" / "tessera"
+    exe = ROOT / os.environ.get("TESSERA_BUILD", "build") / "tessera"
     assert exe.exists(), "build/tessera is missing: run scripts/setup.sh"
     return str(exe)
 
