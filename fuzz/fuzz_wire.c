@@ -75,6 +75,17 @@ static void decode_payload(int type, const uint8_t *p, size_t n) {
     (void)wire_decode_error(p, n, &e, &err);
     break;
   }
+  case WIRE_MSG_INFO: {
+    wire_info i;
+    if (wire_decode_info(p, n, &i, &err) == 0 && wire_encode_info(&w, &i, &err) != 0) abort();
+    break;
+  }
+  case WIRE_MSG_INIT_KV: {
+    wire_init_kv k;
+    if (wire_decode_init_kv(p, n, &k, &err) == 0 && wire_encode_init_kv(&w, &k, &err) != 0)
+      abort();
+    break;
+  }
   default:
     break;
   }

@@ -27,7 +27,8 @@ const char *wire_msg_name(int type) {
       [WIRE_MSG_PEERS] = "PEERS",   [WIRE_MSG_STEP] = "STEP",
       [WIRE_MSG_RESULT] = "RESULT", [WIRE_MSG_HIDDEN] = "HIDDEN",
       [WIRE_MSG_PING] = "PING",     [WIRE_MSG_PONG] = "PONG",
-      [WIRE_MSG_SHUTDOWN] = "SHUTDOWN", [WIRE_MSG_ERROR] = "ERROR"};
+      [WIRE_MSG_SHUTDOWN] = "SHUTDOWN", [WIRE_MSG_ERROR] = "ERROR",
+      [WIRE_MSG_INFO] = "INFO",     [WIRE_MSG_INIT_KV] = "INIT_KV"};
   return (type > 0 && type < WIRE_MSG_END_ && names[type]) ? names[type] : "UNKNOWN";
 }
 
@@ -660,6 +661,69 @@ int wire_decode_error(const uint8_t *p, size_t n, wire_error *out, ts_err *err) 
   out->code = wire_get_i32(&r);
   wire_get_str(&r, out->message, sizeof out->message);
   return decode_done(&r, "ERROR", err);
+}
+
+/* ---- model info, KV sizing ---- */
+
+static int info_check(const wire_info *i, ts_err *err) {
+  if (i->vocab_size <= 0 || i->max_pos < 0 || i->max_tokens < 0 || i->kv_bytes_per_token < 0 ||
+      i->bos_id < -1 || i->n_eos < 0 || i->n_eos > WIRE_MAX_EOS)
+    return ts_errorf(err, TS_EPROTO, "bad model info (vocab %d, %d eos ids)", i->vocab_size,
+                     i->n_eos);
+  return 0;
+}
+
+int wire_encode_info(wire_buf *b, const wire_info *i, ts_err *err) {
+  TS_TRY(info_check(i, err));
+  frame_ctx f = frame_open(b, WIRE_MSG_INFO);
+  wire_put_i32(b, i->vocab_size);
+  wire_put_i32(b, i->max_pos);
+  wire_put_i32(b, i->max_tokens);
+  wire_put_u64(b, (uint64_t)i->kv_bytes_per_token);
+  wire_put_i32(b, i->bos_id);
+  wire_put_u32(b, (uint32_t)i->n_eos);
+  wire_put_i32_array(b, i->eos_ids, (size_t)i->n_eos);
+  return frame_close(f, err);
+}
+
+int wire_decode_info(const uint8_t *p, size_t n, wire_info *out, ts_err *err) {
+  wire_reader r;
+  wire_reader_init(&r, p, n);
+  memset(out, 0, sizeof *out);
+  out->vocab_size = wire_get_i32(&r);
+  out->max_pos = wire_get_i32(&r);
+  out->max_tokens = wire_get_i32(&r);
+  out->kv_bytes_per_token = (int64_t)wire_get_u64(&r);
+  out->bos_id = wire_get_i32(&r);
+  uint32_t ne = wire_get_u32(&r);
+  if (r.failed || ne > WIRE_MAX_EOS) return ts_errorf(err, TS_EPROTO, "INFO header malformed");
+  out->n_eos = (int32_t)ne;
+  wire_get_i32_array(&r, out->eos_ids, ne);
+  TS_TRY(decode_done(&r, "INFO", err));
+  return info_check(out, err);
+}
+
+int wire_encode_init_kv(wire_buf *b, const wire_init_kv *k, ts_err *err) {
+  if (k->block_size <= 0 || k->kv_cache_bytes < 0 || k->n_blocks < 0)
+    return ts_errorf(err, TS_EINVAL, "bad KV sizing (block %d, %lld bytes, %d blocks)",
+                     k->block_size, (long long)k->kv_cache_bytes, k->n_blocks);
+  frame_ctx f = frame_open(b, WIRE_MSG_INIT_KV);
+  wire_put_i32(b, k->block_size);
+  wire_put_u64(b, (uint64_t)k->kv_cache_bytes);
+  wire_put_i32(b, k->n_blocks);
+  return frame_close(f, err);
+}
+
+int wire_decode_init_kv(const uint8_t *p, size_t n, wire_init_kv *out, ts_err *err) {
+  wire_reader r;
+  wire_reader_init(&r, p, n);
+  out->block_size = wire_get_i32(&r);
+  out->kv_cache_bytes = (int64_t)wire_get_u64(&r);
+  out->n_blocks = wire_get_i32(&r);
+  TS_TRY(decode_done(&r, "INIT_KV", err));
+  if (out->block_size <= 0 || out->kv_cache_bytes < 0 || out->n_blocks < 0)
+    return ts_errorf(err, TS_EPROTO, "INIT_KV values out of range");
+  return 0;
 }
 
 /* ---- sockets ---- */

@@ -31,6 +31,7 @@
 #define WIRE_HOST_MAX 256
 #define WIRE_REASON_MAX 256
 #define WIRE_MAX_PEERS 4096
+#define WIRE_MAX_EOS 32
 
 typedef enum {
   WIRE_MSG_HELLO = 1,
@@ -43,6 +44,8 @@ typedef enum {
   WIRE_MSG_PONG,
   WIRE_MSG_SHUTDOWN,
   WIRE_MSG_ERROR,    /* a step or request failed on the sender */
+  WIRE_MSG_INFO,     /* worker -> driver: what the engine must know about the model */
+  WIRE_MSG_INIT_KV,  /* driver -> worker: size the paged KV cache; the worker answers in kind */
   WIRE_MSG_END_      /* one past the last type */
 } wire_msg_type;
 
@@ -179,6 +182,22 @@ typedef struct {
   char message[TS_ERR_MSG_MAX];
 } wire_error;
 
+typedef struct {
+  int32_t vocab_size;
+  int32_t max_pos;             /* longest context the model supports */
+  int32_t max_tokens;          /* most tokens one step may carry */
+  int64_t kv_bytes_per_token;  /* on this worker */
+  int32_t bos_id;              /* -1 when none */
+  int32_t n_eos;
+  int32_t eos_ids[WIRE_MAX_EOS];
+} wire_info;
+
+typedef struct {
+  int32_t block_size;          /* tokens per KV block */
+  int64_t kv_cache_bytes;      /* budget per worker */
+  int32_t n_blocks;            /* request: exact count when > 0; answer: blocks allocated */
+} wire_init_kv;
+
 /* Encoders append one whole frame to b. */
 int wire_encode_hello(wire_buf *b, const wire_hello *h, ts_err *err);
 int wire_encode_hello_ack(wire_buf *b, const wire_hello_ack *a, ts_err *err);
@@ -190,6 +209,8 @@ int wire_encode_hidden(wire_buf *b, const wire_hidden *h, ts_err *err);
 int wire_encode_ping(wire_buf *b, int type, const wire_ping *p, ts_err *err); /* PING or PONG */
 int wire_encode_shutdown(wire_buf *b, const char *reason, ts_err *err);
 int wire_encode_error(wire_buf *b, const wire_error *e, ts_err *err);
+int wire_encode_info(wire_buf *b, const wire_info *i, ts_err *err);
+int wire_encode_init_kv(wire_buf *b, const wire_init_kv *k, ts_err *err);
 
 /* Decoders take one frame's payload. Those with arrays allocate; free with the paired _free
  * (safe on a zeroed or failed-decode struct). */
@@ -206,6 +227,8 @@ void wire_hidden_free(wire_hidden *h);
 int wire_decode_ping(const uint8_t *p, size_t n, wire_ping *out, ts_err *err);
 int wire_decode_shutdown(const uint8_t *p, size_t n, char *reason, size_t cap, ts_err *err);
 int wire_decode_error(const uint8_t *p, size_t n, wire_error *out, ts_err *err);
+int wire_decode_info(const uint8_t *p, size_t n, wire_info *out, ts_err *err);
+int wire_decode_init_kv(const uint8_t *p, size_t n, wire_init_kv *out, ts_err *err);
 
 /* Structural checks a worker relies on before it touches a batch: counts >= 0, seq_start
  * non-decreasing from 0 to n_tokens, logits rows in range, positions and lengths >= 0. */

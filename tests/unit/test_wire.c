@@ -111,6 +111,16 @@ static int decode_any(int type, const uint8_t *p, size_t n) {
     if (rc == 0) wire_peers_free(&pr);
     break;
   }
+  case WIRE_MSG_INFO: {
+    wire_info i;
+    rc = wire_decode_info(p, n, &i, &err);
+    break;
+  }
+  case WIRE_MSG_INIT_KV: {
+    wire_init_kv k;
+    rc = wire_decode_init_kv(p, n, &k, &err);
+    break;
+  }
   default:
     return -100;
   }
@@ -272,7 +282,10 @@ static void test_control(test_rng *r) {
     CHECK(wire_decode_hello(p, h.length, &b, &err) == 0 && memcmp(&a, &b, sizeof a) == 0);
     if (it < 3) mangle(r, WIRE_MSG_HELLO, p, h.length);
 
-    wire_hello_ack ack = {.status = -(int32_t)rnd(r, 13), .hello = a}, ack2;
+    wire_hello_ack ack, ack2;
+    memset(&ack, 0, sizeof ack); /* padding too: the structs are compared whole */
+    ack.status = -(int32_t)rnd(r, 13);
+    ack.hello = a;
     snprintf(ack.reason, sizeof ack.reason, "reason %llu", (unsigned long long)test_rng_next(r));
     wire_buf_reset(&w);
     CHECK(wire_encode_hello_ack(&w, &ack, &err) == 0 && split(&w, &h, &p) == 0);
@@ -307,6 +320,32 @@ static void test_control(test_rng *r) {
     CHECK(wire_encode_error(&w, &e, &err) == 0 && split(&w, &h, &p) == 0);
     CHECK(wire_decode_error(p, h.length, &eg, &err) == 0 && eg.step_id == e.step_id &&
           eg.code == e.code && strcmp(eg.message, e.message) == 0);
+
+    wire_info info, ig;
+    memset(&info, 0, sizeof info);
+    info.vocab_size = 1 + (int32_t)rnd(r, 200000);
+    info.max_pos = (int32_t)rnd(r, 1 << 20);
+    info.max_tokens = (int32_t)rnd(r, 8192);
+    info.kv_bytes_per_token = (int64_t)rnd(r, (size_t)1 << 40);
+    info.bos_id = (int32_t)rnd(r, 1000) - 1;
+    info.n_eos = (int32_t)rnd(r, WIRE_MAX_EOS + 1);
+    for (int i = 0; i < info.n_eos; i++) info.eos_ids[i] = (int32_t)rnd(r, 200000);
+    wire_buf_reset(&w);
+    CHECK(wire_encode_info(&w, &info, &err) == 0 && split(&w, &h, &p) == 0);
+    CHECK(wire_decode_info(p, h.length, &ig, &err) == 0 && memcmp(&ig, &info, sizeof ig) == 0);
+    if (it < 3) mangle(r, WIRE_MSG_INFO, p, h.length);
+    info.n_eos = WIRE_MAX_EOS + 1;
+    CHECK(wire_encode_info(&w, &info, &err) == TS_EPROTO);
+
+    wire_init_kv kv = {.block_size = 1 + (int32_t)rnd(r, 256),
+                       .kv_cache_bytes = (int64_t)rnd(r, (size_t)1 << 40),
+                       .n_blocks = (int32_t)rnd(r, 100000)},
+                 kg;
+    wire_buf_reset(&w);
+    CHECK(wire_encode_init_kv(&w, &kv, &err) == 0 && split(&w, &h, &p) == 0);
+    CHECK(wire_decode_init_kv(p, h.length, &kg, &err) == 0 && kg.block_size == kv.block_size &&
+          kg.kv_cache_bytes == kv.kv_cache_bytes && kg.n_blocks == kv.n_blocks);
+    if (it < 3) mangle(r, WIRE_MSG_INIT_KV, p, h.length);
 
     char reason[64];
     wire_buf_reset(&w);
