@@ -25,6 +25,7 @@ typedef struct {
   int32_t *pos; /* [n_blocks][block_size] */
   int fail_at_step; /* -1: never */
   int delay_us;     /* per step, so that other threads can act mid-generation */
+  long tokens_computed;
 } fake_impl;
 
 /* Random seeds, replayable: TESSERA_TEST_SEED=<printed seed>. */
@@ -63,6 +64,7 @@ static int fake_step(executor *ex, uint64_t step_id, const ts_batch *b, float *l
   if (f->fail_at_step >= 0 && (int)step_id == f->fail_at_step)
     return ts_errorf(err, TS_ENET, "fake: worker 1 died");
   int bs = f->block_size;
+  f->tokens_computed += b->n_tokens;
   if (b->n_tokens <= 0 || b->n_seqs <= 0) return ts_errorf(err, TS_EINVAL, "fake: empty step");
   int row = 0;
   for (int s = 0; s < b->n_seqs; s++) {
@@ -92,8 +94,11 @@ static int fake_step(executor *ex, uint64_t step_id, const ts_batch *b, float *l
   return 0;
 }
 
+static fake_impl g_last_stats;
+
 static void fake_shutdown(executor *ex) {
   fake_impl *f = ex->impl;
+  g_last_stats = *f;
   free(f->tok);
   free(f->pos);
   free(f);
@@ -103,6 +108,8 @@ static void fake_shutdown(executor *ex) {
 static const executor_ops fake_ops = {"fake", fake_init_kv, fake_step, NULL, fake_shutdown};
 
 static int g_delay_us;
+
+static fake_impl *g_last_fake = &g_last_stats;
 
 static executor *fake_create(int fail_at_step) {
   executor *ex = calloc(1, sizeof *ex);
@@ -495,8 +502,37 @@ static void test_stop_ids(void) {
   engine_destroy(e);
 }
 
+/* n > 1 without prefix caching: the choices share the prompt's blocks, so the prompt is computed
+ * about once, not n times. */
+static void test_n_shares_prompt(void) {
+  test_rng r = {test_seed(0x5a5a)};
+  static req_spec spec[1];
+  static req_out out[1];
+  make_specs(spec, 1, &r);
+  spec[0].n_prompt = 200;
+  for (int i = 0; i < 200; i++) spec[0].prompt[i] = 3 + (int32_t)(test_rng_next(&r) % (VOCAB - 3));
+  spec[0].p.n = 4;
+  spec[0].p.max_tokens = 5;
+  spec[0].p.ignore_eos = 1;
+  spec[0].p.sampling.temperature = 1.0f;
+  engine *e = make_engine(8, 4096, 4, 8 * MAX_POS, 0, -1);
+  g_done = 0;
+  run_all(e, spec, 1, out, 0);
+  wait_done(4);
+  check_idle(e);
+  for (int c = 0; c < 4; c++) CHECK(out[0].ch[c].n == 5 && out[0].ch[c].finish == ENGINE_FINISH_LENGTH);
+  engine_stats st;
+  engine_get_stats(e, &st);
+  CHECK(st.prompt_tokens_total == 200 && st.generation_tokens_total == 20);
+  engine_destroy(e);
+  fprintf(stderr, "n=4 computed %ld tokens\n", g_last_fake->tokens_computed);
+  CHECK_MSG(g_last_fake->tokens_computed < 2 * 200, "computed %ld tokens for a 200-token prompt, n=4",
+            g_last_fake->tokens_computed);
+}
+
 int main(void) {
   test_differential();
+  test_n_shares_prompt();
   test_n_seeded();
   test_cancel();
   test_errors();
