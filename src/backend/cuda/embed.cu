@@ -43,8 +43,9 @@ void cuda_op_gather_rows(void *ctx, const float *x, const int32_t *rows, int n, 
   cuda_ctx *c = (cuda_ctx *)ctx;
   if (n <= 0) return;
   const int32_t *drows = rows;
-  if (rows == c->host_logits_rows && n <= c->n_logits) {
-    drows = c->d_logits_rows; /* staged by step_begin */
+  const int32_t *lr = c->host_logits_rows;
+  if (lr && rows >= lr && rows + n <= lr + c->n_logits) {
+    drows = c->d_logits_rows + (rows - lr); /* a run of the batch's rows, staged by step_begin */
   } else {
     cudaPointerAttributes a;
     cudaError_t e = cudaPointerGetAttributes(&a, rows);
