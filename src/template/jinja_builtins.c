@@ -504,9 +504,15 @@ static int attr_get(jrender *r, int line, jv item, const jstr *attr, jv *out) {
 }
 
 /* select/reject/selectattr/rejectattr: test name in args[first], test args after. */
+/* jinja2's select/reject/map treat any falsy input as empty ("if value: for item in value"). */
+static int iterate_if_truthy(jrender *r, int line, jv seq, jlist **items) {
+  if (!jv_truthy(&seq)) return mklist(r, line, 0, items);
+  return jinja_iterate(r, line, seq, items);
+}
+
 static int select_items(jrender *r, int line, jv seq, const jargs *a, int use_attr, int want, jv *out) {
   jlist *items, *res;
-  TS_TRY(jinja_iterate(r, line, seq, &items));
+  TS_TRY(iterate_if_truthy(r, line, seq, &items));
   TS_TRY(mklist(r, line, items->n, &res));
   size_t k = 0;
   const jstr *attr = NULL;
@@ -595,7 +601,7 @@ static int f_join(jrender *r, int line, jv in, const jargs *a, jv *out) {
 
 static int f_map(jrender *r, int line, jv in, const jargs *a, jv *out) {
   jlist *items, *res;
-  TS_TRY(jinja_iterate(r, line, in, &items));
+  TS_TRY(iterate_if_truthy(r, line, in, &items));
   TS_TRY(mklist(r, line, items->n, &res));
   const jstr *attr = NULL;
   const jv *dflt = NULL;
@@ -634,6 +640,7 @@ static int f_int(jrender *r, int line, jv in, const jargs *a, jv *out) {
   const jv *s[2];
   TS_TRY(bind(r, line, "filter 'int'", a, names, 2, s));
   jv dflt = s[0] ? *s[0] : jv_int(0);
+  if (in.kind == JV_UNDEF) return jinja_undef_error(r, line, &in);
   int64_t base = 10;
   if (s[1]) TS_TRY(get_int(r, line, "int base", s[1], &base));
   if (base < 2 || base > 36) return jr_fail(r, line, "int() base must be >= 2 and <= 36");
@@ -670,6 +677,7 @@ static int f_float(jrender *r, int line, jv in, const jargs *a, jv *out) {
   const jv *s[1];
   TS_TRY(bind(r, line, "filter 'float'", a, names, 1, s));
   jv dflt = s[0] ? *s[0] : jv_float(0.0);
+  if (in.kind == JV_UNDEF) return jinja_undef_error(r, line, &in);
   double f;
   if (jv_is_number(&in)) *out = jv_float(jv_num(&in));
   else if (in.kind == JV_STR && parse_py_float(in.u.s, &f) == 0) *out = jv_float(f);
@@ -907,6 +915,8 @@ int jinja_apply_test(jrender *r, int line, int id, jv in, const jargs *a, int *o
       return 0;
     }
     if (hay.kind == JV_DICT && !(hay.flags & JV_F_LOOP)) {
+      if ((in.kind == JV_LIST && !(in.flags & JV_F_TUPLE)) || in.kind == JV_DICT || in.kind == JV_NS)
+        return jr_fail(r, line, "unhashable type: '%s'", jv_type_name(&in));
       *out = jdict_get(hay.u.d, in) != NULL;
       return 0;
     }
@@ -1214,8 +1224,15 @@ static int str_method(jrender *r, int line, const jstr *s, int id, const jargs *
 
 int jinja_call_method(jrender *r, int line, const jfunc *f, const jargs *a, jv *out) {
   int id = f->id;
+  if (id == M_UNSUPPORTED + 1000) { /* list.count */
+    if (a->npos != 1 || a->nkw) return jr_fail(r, line, "list.count() takes exactly one argument");
+    int64_t c = 0;
+    for (size_t i = 0; i < f->self.u.l->n; i++) c += jv_equal(&f->self.u.l->v[i], &a->pos[0]);
+    *out = jv_int(c);
+    return 0;
+  }
   if (id >= M_UNSUPPORTED) {
-    const char *name = id == M_UNSUPPORTED + 1000 ? "count" : other_methods[id - M_UNSUPPORTED];
+    const char *name = other_methods[id - M_UNSUPPORTED];
     return jr_fail(r, line, "unsupported method '%s' of %s", name, jv_type_name(&f->self));
   }
   if (id == M_CYCLE) {

@@ -185,6 +185,7 @@ int jinja_getitem(jrender *r, int line, jv obj, jv key, jv *out) {
   return 0;
 }
 
+/* Slice bounds are None or integers (bools count); anything else is Python's TypeError. */
 static int slice_bound(jrender *r, int line, const jv *v, int64_t *out, int *present) {
   *present = 0;
   if (!v || v->kind == JV_NONE) return 0;
@@ -193,21 +194,19 @@ static int slice_bound(jrender *r, int line, const jv *v, int64_t *out, int *pre
     *present = 1;
     return 0;
   }
-  if (v->kind == JV_UNDEF) return 1; /* jinja2 turns the failed slice into Undefined */
-  (void)r;
-  (void)line;
-  return 1;
+  return jr_fail(r, line, "slice indices must be integers or None, not %s", jv_type_name(v));
 }
 
 static int do_slice(jrender *r, int line, jv obj, const jv *a, const jv *b, const jv *c, jv *out) {
   if (obj.kind == JV_UNDEF) return jinja_undef_error(r, line, &obj);
+  if (obj.kind == JV_DICT && !(obj.flags & JV_F_LOOP)) return jr_fail(r, line, "unhashable type: 'slice'");
+  if (obj.kind != JV_LIST && obj.kind != JV_STR)
+    return jr_fail(r, line, "'%s' object is not subscriptable", jv_type_name(&obj));
   int64_t start = 0, stop = 0, stp = 1;
   int hs, he, hp;
-  if (slice_bound(r, line, a, &start, &hs) || slice_bound(r, line, b, &stop, &he) || slice_bound(r, line, c, &stp, &hp) ||
-      (obj.kind != JV_LIST && obj.kind != JV_STR)) {
-    *out = jv_undef(jr_why(r, "'%s object' cannot be sliced that way", jv_type_name(&obj)));
-    return 0;
-  }
+  TS_TRY(slice_bound(r, line, a, &start, &hs));
+  TS_TRY(slice_bound(r, line, b, &stop, &he));
+  TS_TRY(slice_bound(r, line, c, &stp, &hp));
   if (!hp) stp = 1;
   if (stp == 0) return jr_fail(r, line, "slice step cannot be zero");
   const jstr *s = obj.kind == JV_STR ? obj.u.s : NULL;
@@ -342,6 +341,52 @@ static double py_floordiv(double a, double b) {
   return f;
 }
 
+/* Python's str % args for the plain conversions %s %r %d %i and %%; others are unsupported. */
+static int percent_format(jrender *r, int line, const jstr *fmt, jv args, jv *out) {
+  const jv *av = &args;
+  size_t na = 1, used = 0;
+  /* CPython skips the "not all arguments converted" check for anything subscriptable but a
+   * tuple or str: dicts and lists. */
+  int mapping = (args.kind == JV_DICT && !(args.flags & JV_F_LOOP)) || (args.kind == JV_LIST && !(args.flags & JV_F_TUPLE));
+  if (args.kind == JV_LIST && (args.flags & JV_F_TUPLE)) {
+    av = args.u.l->v;
+    na = args.u.l->n;
+  }
+  jbuf b = {.limit = r->lim.max_output};
+  int rc = 0;
+  for (size_t i = 0; i < fmt->len && rc == 0; i++) {
+    char c = fmt->s[i];
+    if (c != '%') {
+      jbuf_putc(&b, c);
+      continue;
+    }
+    char t = i + 1 < fmt->len ? fmt->s[++i] : 0;
+    if (t == '%') {
+      jbuf_putc(&b, '%');
+      continue;
+    }
+    if (t != 's' && t != 'r' && t != 'd' && t != 'i') {
+      rc = t ? jr_fail(r, line, "unsupported: %%-format conversion '%c'", t) : jr_fail(r, line, "incomplete format");
+      break;
+    }
+    if (used >= na) {
+      rc = jr_fail(r, line, "not enough arguments for format string");
+      break;
+    }
+    const jv *v = &av[used++];
+    if (t == 's') jv_to_str(&b, v);
+    else if (t == 'r') jv_repr(&b, v);
+    else if (v->kind == JV_INT || v->kind == JV_BOOL) jbuf_printf(&b, "%lld", (long long)(v->kind == JV_INT ? v->u.i : v->u.b));
+    else if (v->kind == JV_FLOAT && isfinite(v->u.f) && fabs(v->u.f) < 9.2e18) jbuf_printf(&b, "%lld", (long long)v->u.f);
+    else rc = jr_fail(r, line, "%%%c format: a real number is required, not %s", t, jv_type_name(v));
+  }
+  if (rc == 0 && used < na && !mapping) rc = jr_fail(r, line, "not all arguments converted during string formatting");
+  if (rc == 0 && b.over) rc = jr_fail(r, line, "string too long");
+  if (rc == 0 && jv_str(&r->arena, b.p ? b.p : "", b.len, out) < 0) rc = jr_oom(r, line);
+  jbuf_free(&b);
+  return rc;
+}
+
 static int binary(jrender *r, int line, int op, jv a, jv b, jv *out) {
   static const char *names[] = {"+", "-", "*", "/", "//", "%", "**", "~"};
   if (op == JOP_CONCAT) {
@@ -354,6 +399,7 @@ static int binary(jrender *r, int line, int op, jv a, jv b, jv *out) {
     if (rc < 0) return over ? jr_fail(r, line, "string too long") : jr_oom(r, line);
     return 0;
   }
+  if (op == JOP_MOD && a.kind == JV_STR) return percent_format(r, line, a.u.s, b, out);
   if (a.kind == JV_UNDEF) return jinja_undef_error(r, line, &a);
   if (b.kind == JV_UNDEF) return jinja_undef_error(r, line, &b);
   const char *nm = names[op];
@@ -445,7 +491,6 @@ static int binary(jrender *r, int line, int op, jv a, jv b, jv *out) {
     if ((a.kind == JV_STR || a.kind == JV_LIST) && is_intlike(&b)) return repeat(r, line, a, ival(&b), out);
     if ((b.kind == JV_STR || b.kind == JV_LIST) && is_intlike(&a)) return repeat(r, line, b, ival(&a), out);
   }
-  if (op == JOP_MOD && a.kind == JV_STR) return jr_fail(r, line, "unsupported: %%-formatting of strings");
   return binop_type_error(r, line, nm, &a, &b);
 }
 
@@ -463,6 +508,8 @@ static int contains(jrender *r, int line, jv needle, jv hay, int *out) {
     return 0;
   case JV_DICT:
     if (hay.flags & JV_F_LOOP) break;
+    if ((needle.kind == JV_LIST && !(needle.flags & JV_F_TUPLE)) || needle.kind == JV_DICT || needle.kind == JV_NS)
+      return jr_fail(r, line, "unhashable type: '%s'", jv_type_name(&needle));
     *out = jdict_get(hay.u.d, needle) != NULL;
     return 0;
   default: break;

@@ -856,7 +856,12 @@ static int parse_body(parser *P, const char *const *ends, int nends, jnodes *out
   for (;;) {
     const jtok *t = cur(P);
     if (t->type == JT_EOF) {
-      if (nends) return perr(P, "unexpected end of template, expected '%s'", ends[nends - 1]);
+      if (nends) {
+        const char *want = ends[0];
+        for (int e = 0; e < nends; e++)
+          if (!strncmp(ends[e], "end", 3)) want = ends[e];
+        return perr(P, "unexpected end of template, expected '%s'", want);
+      }
       break;
     }
     jnode *n = NULL;

@@ -476,6 +476,7 @@ int jv_repr(jbuf *b, const jv *v) {
       return jbuf_putc(b, '}');
     }
     return jbuf_printf(b, "<LoopContext>");
+  case JV_UNDEF: return jbuf_put(b, "Undefined", 9);
   default: return jv_to_str(b, v);
   }
 }
