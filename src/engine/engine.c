@@ -1,7 +1,9 @@
 /* The engine loop: one thread owns every request, the scheduler and the block manager. Each
  * iteration drains the inbox (submits and cancels from other threads), plans a step, runs it on
  * the executor, samples, applies the stop rules and emits one event per choice that advanced.
- * Other threads only touch the inbox, the cancel list and the stats snapshot, under e->mu. */
+ * Other threads only touch the inbox and the stats snapshot (under mu) and the cancel list (under
+ * cb_mu, which is also held around callbacks: engine_submit and engine_get_stats never wait for a
+ * callback, and engine_cancel returns only once no callback of that request can run). */
 #include "engine/engine.h"
 
 #include <math.h>
@@ -62,7 +64,9 @@ struct engine {
   uint64_t next_id;
   engine_req *inbox_head, *inbox_tail;
   int n_inbox;
-  uint64_t *cancels;      /* ids cancelled and not yet taken out by the loop */
+  int cancel_wake;        /* a cancel arrived since the loop last looked */
+  pthread_mutex_t cb_mu;
+  uint64_t *cancels;      /* ids cancelled and not yet taken out by the loop, under cb_mu */
   int n_cancels, cap_cancels;
   engine_stats stats;
   int64_t prompt_tokens_total, generation_tokens_total;
@@ -127,16 +131,16 @@ static int cancelled_locked(const engine *e, uint64_t id) {
   return 0;
 }
 
-/* Calls back under mu so that engine_cancel, which takes mu, returns only once no callback of
- * that request can run any more. */
+/* Calls back under cb_mu so that engine_cancel, which takes cb_mu, returns only once no callback
+ * of that request can run any more. */
 static void events_flush(engine *e) {
   if (e->n_events == 0) return;
-  pthread_mutex_lock(&e->mu);
+  pthread_mutex_lock(&e->cb_mu);
   for (int i = 0; i < e->n_events; i++) {
     pending_event *pe = &e->events[i];
     if (pe->req->fn && !cancelled_locked(e, pe->req->id)) pe->req->fn(pe->req->user, &pe->ev);
   }
-  pthread_mutex_unlock(&e->mu);
+  pthread_mutex_unlock(&e->cb_mu);
   e->n_events = 0;
 }
 
@@ -341,7 +345,7 @@ static void stats_update_locked(engine *e) {
     if (any) running++; else waiting++;
   }
   st->running = running;
-  st->waiting = waiting + e->n_inbox;
+  st->waiting = waiting; /* engine_get_stats adds the inbox */
   st->kv_blocks_total = block_manager_num_blocks(e->bm);
   st->kv_blocks_free = block_manager_num_free(e->bm);
   st->prompt_tokens_total = e->prompt_tokens_total;
@@ -358,7 +362,7 @@ static void *engine_loop(void *arg) {
   for (;;) {
     pthread_mutex_lock(&e->mu);
     stats_update_locked(e);
-    while (!e->stop && !e->inbox_head && e->n_cancels == 0 && e->n_live == 0)
+    while (!e->stop && !e->inbox_head && !e->cancel_wake && e->n_live == 0)
       pthread_cond_wait(&e->cv, &e->mu);
     if (e->stop) {
       pthread_mutex_unlock(&e->mu);
@@ -367,6 +371,10 @@ static void *engine_loop(void *arg) {
     engine_req *in = e->inbox_head;
     e->inbox_head = e->inbox_tail = NULL;
     e->n_inbox = 0;
+    e->cancel_wake = 0;
+    pthread_mutex_unlock(&e->mu);
+
+    pthread_mutex_lock(&e->cb_mu);
     int n_cancels = e->n_cancels;
     if (n_cancels > cap) {
       uint64_t *nc = realloc(cancels, (size_t)n_cancels * sizeof *nc);
@@ -379,7 +387,7 @@ static void *engine_loop(void *arg) {
     }
     if (n_cancels) memcpy(cancels, e->cancels, (size_t)n_cancels * sizeof *cancels);
     /* Ids stay on the shared list until their requests are gone, so no event slips through. */
-    pthread_mutex_unlock(&e->mu);
+    pthread_mutex_unlock(&e->cb_mu);
 
     for (engine_req *r = in, *next; r; r = next) {
       next = r->next;
@@ -398,10 +406,10 @@ static void *engine_loop(void *arg) {
           break;
         }
     if (n_cancels) {
-      pthread_mutex_lock(&e->mu);
+      pthread_mutex_lock(&e->cb_mu);
       memmove(e->cancels, e->cancels + n_cancels, (size_t)(e->n_cancels - n_cancels) * sizeof *cancels);
       e->n_cancels -= n_cancels;
-      pthread_mutex_unlock(&e->mu);
+      pthread_mutex_unlock(&e->cb_mu);
     }
     if (e->sched.n_running + e->sched.n_waiting > 0) engine_step(e);
     events_flush(e);
@@ -502,9 +510,11 @@ int engine_create_with_executor(engine **out, executor *ex, const tokenizer *tok
     rc = ts_errorf(err, TS_ENOMEM, "engine: out of memory for step buffers");
   if (rc == 0) {
     pthread_mutex_init(&e->mu, NULL);
+    pthread_mutex_init(&e->cb_mu, NULL);
     pthread_cond_init(&e->cv, NULL);
     if (pthread_create(&e->thread, NULL, engine_loop, e) != 0) {
       pthread_mutex_destroy(&e->mu);
+      pthread_mutex_destroy(&e->cb_mu);
       pthread_cond_destroy(&e->cv);
       rc = ts_errorf(err, TS_EINTERNAL, "engine: cannot start the loop thread");
     } else {
@@ -541,6 +551,7 @@ void engine_destroy(engine *e) {
     events_flush(e);
     while (e->live_head) req_drop(e, e->live_head);
     pthread_mutex_destroy(&e->mu);
+    pthread_mutex_destroy(&e->cb_mu);
     pthread_cond_destroy(&e->cv);
   }
   scheduler_free(&e->sched);
@@ -588,12 +599,12 @@ int engine_submit(engine *e, const int32_t *prompt, size_t n_prompt,
 }
 
 void engine_cancel(engine *e, uint64_t id) {
-  pthread_mutex_lock(&e->mu);
+  pthread_mutex_lock(&e->cb_mu);
   if (e->n_cancels == e->cap_cancels) {
     int nc = e->cap_cancels ? e->cap_cancels * 2 : 16;
     uint64_t *n = realloc(e->cancels, (size_t)nc * sizeof *n);
     if (!n) {
-      pthread_mutex_unlock(&e->mu);
+      pthread_mutex_unlock(&e->cb_mu);
       LOG_E("engine: out of memory cancelling request %llu", (unsigned long long)id);
       return;
     }
@@ -601,6 +612,9 @@ void engine_cancel(engine *e, uint64_t id) {
     e->cap_cancels = nc;
   }
   e->cancels[e->n_cancels++] = id;
+  pthread_mutex_unlock(&e->cb_mu);
+  pthread_mutex_lock(&e->mu);
+  e->cancel_wake = 1;
   pthread_cond_signal(&e->cv);
   pthread_mutex_unlock(&e->mu);
 }
@@ -608,5 +622,6 @@ void engine_cancel(engine *e, uint64_t id) {
 void engine_get_stats(engine *e, engine_stats *out) {
   pthread_mutex_lock(&e->mu);
   *out = e->stats;
+  out->waiting += e->n_inbox;
   pthread_mutex_unlock(&e->mu);
 }
