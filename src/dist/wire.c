@@ -269,6 +269,13 @@ static int decode_done(wire_reader *r, const char *what, ts_err *err) {
   return 0;
 }
 
+/* Do count elements of elem bytes fill the rest of the payload exactly? Divides rather than
+ * multiplies: counts from the wire can make count * elem wrap around. */
+static int words_fit(uint64_t count, unsigned elem, const wire_reader *r) {
+  size_t left = wire_reader_left(r);
+  return left % elem == 0 && count == left / elem;
+}
+
 /* ---- hello ---- */
 
 static void put_hello(wire_buf *b, const wire_hello *h) {
@@ -447,9 +454,9 @@ int wire_decode_step(const uint8_t *p, size_t n, wire_step *out, ts_err *err) {
   /* The counts must account for the payload exactly; this also bounds the allocation. */
   uint64_t words = 2 * (uint64_t)nt + 2 * (uint64_t)ns + 1 + (uint64_t)ns * (uint64_t)mb +
                    (uint64_t)nl;
-  if (words * 4 != wire_reader_left(&r))
-    return ts_errorf(err, TS_EPROTO, "STEP counts need %llu bytes, payload has %zu",
-                     (unsigned long long)(words * 4), wire_reader_left(&r));
+  if (!words_fit(words, 4, &r))
+    return ts_errorf(err, TS_EPROTO, "STEP counts need %llu words, payload has %zu bytes",
+                     (unsigned long long)words, wire_reader_left(&r));
   int32_t *mem = malloc((size_t)words * 4);
   if (!mem) return ts_errorf(err, TS_ENOMEM, "out of memory decoding STEP");
   wire_get_i32_array(&r, mem, (size_t)words);
@@ -521,9 +528,9 @@ int wire_decode_result(const uint8_t *p, size_t n, wire_result *out, ts_err *err
     words = (uint64_t)out->n_rows * (uint64_t)out->vocab;
   else
     return ts_errorf(err, TS_EPROTO, "RESULT kind %d unknown", out->kind);
-  if (words * 4 != wire_reader_left(&r))
-    return ts_errorf(err, TS_EPROTO, "RESULT needs %llu bytes, payload has %zu",
-                     (unsigned long long)(words * 4), wire_reader_left(&r));
+  if (!words_fit(words, 4, &r))
+    return ts_errorf(err, TS_EPROTO, "RESULT needs %llu words, payload has %zu bytes",
+                     (unsigned long long)words, wire_reader_left(&r));
   void *mem = malloc(words ? (size_t)words * 4 : 1);
   if (!mem) return ts_errorf(err, TS_ENOMEM, "out of memory decoding RESULT");
   out->mem_ = mem;
@@ -588,9 +595,9 @@ int wire_decode_hidden(const uint8_t *p, size_t n, wire_hidden *out, ts_err *err
     return ts_errorf(err, TS_EPROTO, "HIDDEN has a bad header (dtype %d, %d x %d)", out->dtype,
                      out->n_tokens, out->dim);
   uint64_t nel = (uint64_t)out->n_tokens * (uint64_t)out->dim;
-  if (nel * (uint64_t)es != wire_reader_left(&r))
-    return ts_errorf(err, TS_EPROTO, "HIDDEN needs %llu bytes, payload has %zu",
-                     (unsigned long long)(nel * (uint64_t)es), wire_reader_left(&r));
+  if (!words_fit(nel, (unsigned)es, &r))
+    return ts_errorf(err, TS_EPROTO, "HIDDEN needs %llu elements, payload has %zu bytes",
+                     (unsigned long long)nel, wire_reader_left(&r));
   void *mem = malloc(nel ? (size_t)nel * (size_t)es : 1);
   if (!mem) return ts_errorf(err, TS_ENOMEM, "out of memory decoding HIDDEN");
   out->mem_ = out->data = mem;

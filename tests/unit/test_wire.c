@@ -188,6 +188,29 @@ static void test_steps(test_rng *r) {
   ((int32_t *)ob.b.seq_start)[ob.b.n_seqs] += 1;
   CHECK(wire_encode_step(&w, 1, 0, &ob.b, &err) == TS_EPROTO);
   free(ob.mem);
+  /* Counts whose byte size wraps around 2^64 onto the payload size: (2^31-1)^2 block-table
+   * entries plus the rest come to 2^62 + 3 words, "12 bytes" modulo 2^64. */
+  for (int extra = 0; extra < 2; extra++) {
+    wire_buf_reset(&w);
+    wire_put_u64(&w, test_rng_next(r));
+    wire_put_u32(&w, 0);
+    wire_put_i32(&w, 0);
+    wire_put_i32(&w, INT32_MAX);
+    wire_put_i32(&w, INT32_MAX);
+    wire_put_i32(&w, 3);
+    for (int i = 0; i < 3 + extra; i++) wire_put_i32(&w, (int32_t)rnd(r, 5));
+    wire_step s;
+    CHECK(wire_decode_step(w.data, w.len, &s, &err) == TS_EPROTO);
+  }
+  wire_buf_reset(&w);
+  wire_put_u64(&w, 1);
+  wire_put_i32(&w, WIRE_RESULT_LOGITS);
+  wire_put_i32(&w, INT32_MAX);
+  wire_put_i32(&w, INT32_MAX);
+  wire_put_u8(&w, 0);
+  wire_put_i32(&w, 5);
+  wire_result res;
+  CHECK(wire_decode_result(w.data, w.len, &res, &err) == TS_EPROTO);
   wire_buf_free(&w);
 }
 
