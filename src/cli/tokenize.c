@@ -24,6 +24,7 @@ static void usage(FILE *f) {
           "  --decode-jsonl     see --jsonl\n"
           "  --no-special       add no BOS/EOS (special tokens written in the text still match)\n"
           "  --skip-special     when decoding, drop special tokens\n"
+          "  --no-parse-special treat special tokens written in the text as plain text\n"
           "  --revision REV     hub revision (default main)\n"
           "  -h, --help         show this help\n");
 }
@@ -170,7 +171,7 @@ static int run_decode(const tokenizer *t, const char *list, int skip) {
 
 int cmd_tokenize(int argc, char **argv) {
   const char *model = NULL, *text = NULL, *decode = NULL, *jsonl = NULL, *revision = NULL;
-  int no_special = 0, skip = 0, decode_jsonl = 0;
+  int no_special = 0, skip = 0, decode_jsonl = 0, no_parse = 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     int has_val = i + 1 < argc;
@@ -183,6 +184,7 @@ int cmd_tokenize(int argc, char **argv) {
     else if (!strcmp(a, "--revision") && has_val) revision = argv[++i];
     else if (!strcmp(a, "--no-special")) no_special = 1;
     else if (!strcmp(a, "--skip-special")) skip = 1;
+    else if (!strcmp(a, "--no-parse-special")) no_parse = 1;
     else if (!strcmp(a, "--decode-jsonl")) decode_jsonl = 1;
     else if (a[0] == '-' && a[1]) {
       fprintf(stderr, "tessera tokenize: unknown or incomplete option '%s'\n", a);
@@ -211,7 +213,7 @@ int cmd_tokenize(int argc, char **argv) {
     fprintf(stderr, "tessera tokenize: %s\n", err.msg);
     return 1;
   }
-  int flags = TOK_PARSE_SPECIAL | (no_special ? 0 : TOK_ADD_SPECIAL);
+  int flags = (no_parse ? 0 : TOK_PARSE_SPECIAL) | (no_special ? 0 : TOK_ADD_SPECIAL);
   int rc;
   if (text) rc = encode_one(t, text, strlen(text), flags);
   else if (decode) rc = run_decode(t, decode, skip);

@@ -247,6 +247,37 @@ static int replace_all(tok_buf *out, const char *s, size_t n, const char *pat, s
   return 0;
 }
 
+/* Code points that Hugging Face's normalizer tables (an older Unicode) treat as plain starters
+ * while utf8proc gives them a combining class or a composition: normalization never reorders or
+ * composes across them there, so they are normalized as segments of their own here. Found by
+ * comparing tokenizers' NFC with Python's unicodedata over every code point. */
+static const uint32_t HF_STARTERS[][2] = {
+    {0x7FD, 0x7FD}, {0x898, 0x89F}, {0x8CA, 0x8D3}, {0x9FE, 0x9FE}, {0xC3C, 0xC3C},
+    {0xD3B, 0xD3C}, {0xEBA, 0xEBA}, {0x1715, 0x1715}, {0x1ABF, 0x1ACE}, {0x1DF6, 0x1DFA},
+    {0xA82C, 0xA82C}, {0x10D24, 0x10D27}, {0x10EAB, 0x10EAC}, {0x10F46, 0x10F50},
+    {0x10F82, 0x10F85}, {0x11070, 0x11070}, {0x1133B, 0x1133B}, {0x1145E, 0x1145E},
+    {0x11839, 0x1183A}, {0x11930, 0x11930}, {0x1193D, 0x1193E}, {0x11943, 0x11943},
+    {0x119E0, 0x119E0}, {0x11A34, 0x11A34}, {0x11A47, 0x11A47}, {0x11A99, 0x11A99},
+    {0x11D42, 0x11D42}, {0x11D44, 0x11D45}, {0x11D97, 0x11D97}, {0x16FF0, 0x16FF1},
+    {0x1E130, 0x1E136}, {0x1E2AE, 0x1E2AE}, {0x1E2EC, 0x1E2EF}};
+
+static int hf_starter(int32_t cp) {
+  if (cp < 0x7FD) return 0;
+  for (size_t i = 0; i < sizeof HF_STARTERS / sizeof HF_STARTERS[0]; i++)
+    if ((uint32_t)cp >= HF_STARTERS[i][0] && (uint32_t)cp <= HF_STARTERS[i][1]) return 1;
+  return 0;
+}
+
+static int unicode_normalize(tok_buf *dst, const char *s, size_t n, int opt) {
+  if (n == 0) return 0;
+  utf8proc_uint8_t *r = NULL;
+  utf8proc_ssize_t len = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &r, opt);
+  if (len < 0) return TS_EINVAL;
+  int rc = tok_buf_put(dst, r, (size_t)len);
+  free(r);
+  return rc;
+}
+
 int tok_normalize(const struct tokenizer *t, const char *s, size_t n, tok_buf *out) {
   tok_buf tmp = {0};
   out->len = 0;
@@ -262,16 +293,22 @@ int tok_normalize(const struct tokenizer *t, const char *s, size_t n, tok_buf *o
         else if (nm->kind == TOK_NORM_NFD) opt |= UTF8PROC_DECOMPOSE;
         else if (nm->kind == TOK_NORM_NFKC) opt |= UTF8PROC_COMPOSE | UTF8PROC_COMPAT;
         else opt |= UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT;
-        utf8proc_uint8_t *dst = NULL;
-        utf8proc_ssize_t r = utf8proc_map((const utf8proc_uint8_t *)out->p,
-                                          (utf8proc_ssize_t)out->len, &dst, opt);
-        if (r < 0) {
-          rc = TS_EINVAL;
-          break;
+        tmp.len = 0;
+        size_t seg = 0, i = 0;
+        while (i < out->len && !rc) {
+          int l;
+          int32_t cp = tok_utf8_decode((const unsigned char *)out->p + i, out->len - i, &l);
+          if (hf_starter(cp)) {
+            rc = unicode_normalize(&tmp, out->p + seg, i - seg, opt);
+            if (!rc) rc = tok_buf_put(&tmp, out->p + i, (size_t)l);
+            seg = i + (size_t)l;
+          }
+          i += (size_t)l;
         }
+        if (!rc) rc = unicode_normalize(&tmp, out->p + seg, out->len - seg, opt);
         out->len = 0;
-        rc = tok_buf_put(out, dst, (size_t)r);
-        free(dst);
+        if (!rc) rc = tok_buf_put(out, tmp.p ? tmp.p : "", tmp.len);
+        tmp.len = 0;
         break;
       }
       case TOK_NORM_PREPEND:
