@@ -143,8 +143,8 @@ typedef struct {
   pthread_cond_t *cv;
   int *n_done;
   choice_out ch[8];
-  volatile int n_events;
-  volatile int cancelled; /* set before engine_cancel returns: no event may come after */
+  int n_events;
+  int cancelled; /* set before engine_cancel returns: no event may come after */
   int late_events;
 } req_out;
 
@@ -168,6 +168,26 @@ static void on_event(void *user, const engine_event *ev) {
     g_done++;
     pthread_cond_broadcast(&g_cv);
   }
+  pthread_mutex_unlock(&g_mu);
+}
+
+static int done_now(void) {
+  pthread_mutex_lock(&g_mu);
+  int d = g_done;
+  pthread_mutex_unlock(&g_mu);
+  return d;
+}
+
+static int events_now(const req_out *o) {
+  pthread_mutex_lock(&g_mu);
+  int n = o->n_events;
+  pthread_mutex_unlock(&g_mu);
+  return n;
+}
+
+static void reset_done(void) {
+  pthread_mutex_lock(&g_mu);
+  g_done = 0;
   pthread_mutex_unlock(&g_mu);
 }
 
@@ -241,14 +261,18 @@ static engine *make_engine(int max_seqs, int max_batched, int bs, int n_blocks_t
 static void run_all(engine *e, req_spec *specs, int n, req_out *outs, int one_at_a_time) {
   memset(outs, 0, (size_t)n * sizeof *outs);
   for (int q = 0; q < n; q++) {
-    int target = g_done + specs[q].p.n;
+    int target = done_now() + specs[q].p.n;
     uint64_t id;
     ts_err err;
     int rc = engine_submit(e, specs[q].prompt, (size_t)specs[q].n_prompt, &specs[q].p, on_event,
                            &outs[q], &id, &err);
     CHECK_MSG(rc == 0, "%s", err.msg);
     if (rc == 0 && one_at_a_time) wait_done(target);
-    else if (rc != 0) g_done += specs[q].p.n;
+    else if (rc != 0) {
+      pthread_mutex_lock(&g_mu);
+      g_done += specs[q].p.n;
+      pthread_mutex_unlock(&g_mu);
+    }
   }
 }
 
@@ -283,7 +307,7 @@ static void test_differential(void) {
 
   /* Reference: one request at a time, roomy cache, no caching, whole prefill in one step. */
   engine *e = make_engine(8, 4096, 16, 64 * MAX_POS, 0, -1);
-  g_done = 0;
+  reset_done();
   run_all(e, specs, NREQ, ref, 1);
   check_idle(e);
   engine_destroy(e);
@@ -316,7 +340,7 @@ static void test_differential(void) {
     /* Two waves: the second finds the first's blocks in the prefix cache. */
     int any_cached = 0;
     for (int wave = 0; wave < 2; wave++) {
-      g_done = 0;
+      reset_done();
       run_all(e, specs, NREQ, got, 0);
       wait_done(total);
       check_idle(e);
@@ -361,7 +385,7 @@ static void test_n_seeded(void) {
   }
   for (int caching = 0; caching < 2; caching++) {
     engine *e = make_engine(16, 4096, 4, 32 * MAX_POS, caching, -1);
-    g_done = 0;
+    reset_done();
     run_all(e, single, ns, so, 1);
     run_all(e, multi, NQ, mo, 0);
     wait_done(ns * 2);
@@ -398,7 +422,7 @@ static void test_cancel(void) {
   engine *e = make_engine(8, 16, 4, 4 * MAX_POS, 1, -1);
   g_delay_us = 0;
   memset(outs, 0, sizeof outs);
-  g_done = 0;
+  reset_done();
   uint64_t ids[NQ];
   for (int q = 0; q < NQ; q++) {
     ts_err err;
@@ -408,7 +432,7 @@ static void test_cancel(void) {
   /* Cancel each once it has produced a few events (some while still waiting). */
   for (int q = 0; q < NQ; q++) {
     int want = (int)(test_rng_next(&r) % 6);
-    for (int spin = 0; spin < 200000 && outs[q].n_events < want; spin++) usleep(50);
+    for (int spin = 0; spin < 200000 && events_now(&outs[q]) < want; spin++) usleep(50);
     engine_cancel(e, ids[q]);
     pthread_mutex_lock(&g_mu);
     outs[q].cancelled = 1;
@@ -442,7 +466,7 @@ static void test_errors(void) {
   int32_t badtok = VOCAB + 3;
   CHECK(engine_submit(e, &badtok, 1, &specs[0].p, on_event, &outs[0], &id, &err) == TS_ERANGE);
   memset(outs, 0, sizeof outs);
-  g_done = 0;
+  reset_done();
   specs[0].p.ignore_eos = 1;
   specs[0].p.max_tokens = 50;
   CHECK(engine_submit(e, specs[0].prompt, (size_t)specs[0].n_prompt, &specs[0].p, on_event,
@@ -481,7 +505,7 @@ static void test_stop_ids(void) {
     specs[q].p.max_tokens = 150;
     specs[q].p.min_tokens = q % 2 ? 5 : 0;
     memset(&outs[q], 0, sizeof outs[q]);
-    g_done = 0;
+    reset_done();
     uint64_t id;
     ts_err err;
     CHECK(engine_submit(e, specs[q].prompt, (size_t)specs[q].n_prompt, &specs[q].p, on_event,
@@ -516,7 +540,7 @@ static void test_n_shares_prompt(void) {
   spec[0].p.ignore_eos = 1;
   spec[0].p.sampling.temperature = 1.0f;
   engine *e = make_engine(8, 4096, 4, 8 * MAX_POS, 0, -1);
-  g_done = 0;
+  reset_done();
   run_all(e, spec, 1, out, 0);
   wait_done(4);
   check_idle(e);

@@ -40,8 +40,8 @@ typedef struct {
 
 typedef struct {
   choice_out ch[4];
-  volatile int n_events;
-  volatile int cancelled;
+  int n_events;
+  int cancelled;
   int late_events;
 } req_out;
 
@@ -76,6 +76,13 @@ static void wait_done(int target) {
   pthread_mutex_lock(&g_mu);
   while (g_done < target) pthread_cond_wait(&g_cv, &g_mu);
   pthread_mutex_unlock(&g_mu);
+}
+
+static int events_now(const req_out *o) {
+  pthread_mutex_lock(&g_mu);
+  int n = o->n_events;
+  pthread_mutex_unlock(&g_mu);
+  return n;
 }
 
 static int done_now(void) {
@@ -301,7 +308,7 @@ static void test_cancel(void) {
   }
   for (int q = 0; q < NQ; q++) {
     int want = 1 + (int)(test_rng_next(&r) % 5);
-    for (int spin = 0; spin < 400000 && outs[q].n_events < want && q < 4; spin++) usleep(25);
+    for (int spin = 0; spin < 400000 && events_now(&outs[q]) < want && q < 4; spin++) usleep(25);
     engine_cancel(e, ids[q]);
     pthread_mutex_lock(&g_mu);
     outs[q].cancelled = 1;
