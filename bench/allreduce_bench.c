@@ -1,7 +1,8 @@
 /* The cost of one all-reduce over TCP between local processes: by default the 1,024-float hidden
  * state of a decode step between two ranks on loopback. Prints p50/p99/mean in microseconds as
  * seen by rank 0 over many iterations (after a warm-up).
- *   allreduce_bench [--n FLOATS] [--ranks N] [--iters K] [--warmup W] */
+ *   allreduce_bench [--n FLOATS] [--ranks N] [--iters K] [--warmup W] [--small-max BYTES]
+ * --small-max sets where the direct exchange hands over to the ring (default 64 KiB). */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +25,8 @@ static int cmp_double(const void *a, const void *b) {
   return x < y ? -1 : x > y;
 }
 
+static size_t g_small_max = 64 * 1024;
+
 static int run_rank(int rank, int ranks, int port, int lfd, const uint8_t *secret, size_t n,
                     int iters, int warmup, int out_fd) {
   comm_tcp_config cfg;
@@ -34,6 +37,7 @@ static int run_rank(int rank, int ranks, int port, int lfd, const uint8_t *secre
   cfg.master_port = port;
   cfg.listen_fd = rank == 0 ? lfd : -1;
   cfg.group_id = 0xbe4c;
+  cfg.small_max_bytes = g_small_max;
   memcpy(cfg.secret, secret, WIRE_SECRET_LEN);
   ts_err err = {0};
   comm *c = NULL;
@@ -69,8 +73,10 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--ranks")) ranks = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--iters")) iters = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--warmup")) warmup = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--small-max")) g_small_max = strtoull(argv[i + 1], NULL, 10);
     else {
-      fprintf(stderr, "usage: %s [--n FLOATS] [--ranks N] [--iters K] [--warmup W]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--n FLOATS] [--ranks N] [--iters K] [--warmup W] [--small-max BYTES]\n",
+              argv[0]);
       return 2;
     }
   }
