@@ -14,6 +14,9 @@ struct tokenizer;
 struct model;
 
 typedef struct {
+  /* Zero fields take defaults: the model's context, 256 sequences, max(2048, max_model_len)
+   * tokens (never more than the model's max_tokens), 16-token blocks, and a cache for every
+   * sequence at full length up to 2 GiB. */
   int max_model_len;          /* prompt + generated tokens per sequence */
   int max_num_seqs;           /* sequences in one step */
   int max_num_batched_tokens; /* tokens in one step (prefill is chunked under it) */
@@ -26,8 +29,8 @@ typedef struct {
 typedef struct {
   sampling_params sampling;
   int n;                      /* choices (sequences) for this request */
-  int max_tokens;
-  int min_tokens;
+  int max_tokens;             /* <= 0: up to the context limit */
+  int min_tokens;             /* EOS and stop_token_ids are masked until this many tokens */
   int ignore_eos;
   const int32_t *stop_token_ids;
   int n_stop_token_ids;
