@@ -755,7 +755,7 @@ static int bl_drain(tok_stream *st, int at_end) {
     }
     i += k < 0 ? (size_t)(-k) : 1;
   }
-  memmove(st->pend.p, st->pend.p + i, n - i);
+  if (i < n) memmove(st->pend.p, st->pend.p + i, n - i);
   st->pend.len = n - i;
   return 0;
 }
