@@ -9,6 +9,9 @@
 
 enum { JR_OK = 0, JR_BREAK = 1, JR_CONTINUE = 2 };
 
+/* Long operator or filter chains parse into deep trees; bound the recursion they cause. */
+#define JR_MAX_EVAL_DEPTH 500
+
 int jr_fail(jrender *r, int line, const char *fmt, ...) {
   char m[TS_ERR_MSG_MAX - 32];
   va_list ap;
@@ -639,14 +642,31 @@ static int eval_filter(jrender *r, jscope *sc, const jnode *n, const jv *operand
 /* A filter block's chain: the innermost filter (a == NULL) takes the captured text. */
 static int eval_filter_chain(jrender *r, jscope *sc, const jnode *n, jv text, jv *out) {
   jv in = text;
-  if (n->a) TS_TRY(eval_filter_chain(r, sc, n->a, text, &in));
+  if (n->a) {
+    if (r->edepth >= JR_MAX_EVAL_DEPTH) return jr_fail(r, n->line, "filter chain too long");
+    r->edepth++;
+    int rc = eval_filter_chain(r, sc, n->a, text, &in);
+    r->edepth--;
+    TS_TRY(rc);
+  }
   jargs a;
   TS_TRY(eval_args(r, sc, n, &a));
   return jinja_apply_filter(r, n->line, n->id, in, &a, out);
 }
 
+static int eval_node(jrender *r, jscope *sc, const jnode *n, jv *out);
+
+
 static int eval(jrender *r, jscope *sc, const jnode *n, jv *out) {
   TS_TRY(step(r, n->line));
+  if (r->edepth >= JR_MAX_EVAL_DEPTH) return jr_fail(r, n->line, "expression nested too deeply");
+  r->edepth++;
+  int rc = eval_node(r, sc, n, out);
+  r->edepth--;
+  return rc;
+}
+
+static int eval_node(jrender *r, jscope *sc, const jnode *n, jv *out) {
   switch (n->kind) {
   case JN_LITERAL: *out = n->lit; return 0;
   case JN_NAME: {

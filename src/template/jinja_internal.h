@@ -180,7 +180,8 @@ typedef struct {
   ts_err *err;
   jinja_limits lim;
   uint64_t steps;
-  int depth;
+  int depth;       /* nested macro calls */
+  int edepth;      /* nested expression evaluation */
   jbuf *out;       /* where output goes (swapped while capturing) */
   jscope *root;    /* template-level variables */
   jdict *ctx;      /* the render context */

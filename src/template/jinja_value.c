@@ -310,7 +310,16 @@ double jv_num(const jv *v) {
 
 static int64_t jv_intval(const jv *v) { return v->kind == JV_INT ? v->u.i : v->u.b; }
 
-int jv_equal(const jv *a, const jv *b) {
+/* Values can nest deeply (a list wrapped in itself in a loop); past this depth comparisons give
+ * up (unequal / unordered) and printing fails, instead of exhausting the stack. */
+#define JV_MAX_NEST 256
+
+static int equal_d(const jv *a, const jv *b, int depth);
+
+int jv_equal(const jv *a, const jv *b) { return equal_d(a, b, 0); }
+
+static int equal_d(const jv *a, const jv *b, int depth) {
+  if (depth > JV_MAX_NEST) return 0;
   if (jv_is_number(a) && jv_is_number(b)) {
     if (a->kind != JV_FLOAT && b->kind != JV_FLOAT) return jv_intval(a) == jv_intval(b);
     return jv_num(a) == jv_num(b);
@@ -322,7 +331,7 @@ int jv_equal(const jv *a, const jv *b) {
   case JV_LIST:
     if ((a->flags & JV_F_TUPLE) != (b->flags & JV_F_TUPLE) || a->u.l->n != b->u.l->n) return 0;
     for (size_t i = 0; i < a->u.l->n; i++)
-      if (!jv_equal(&a->u.l->v[i], &b->u.l->v[i])) return 0;
+      if (!equal_d(&a->u.l->v[i], &b->u.l->v[i], depth + 1)) return 0;
     return 1;
   case JV_DICT:
     if (a->u.d == b->u.d) return 1;
@@ -330,7 +339,7 @@ int jv_equal(const jv *a, const jv *b) {
     if (a->u.d->n != b->u.d->n) return 0;
     for (size_t i = 0; i < a->u.d->n; i++) {
       jv *o = jdict_get(b->u.d, a->u.d->k[i]);
-      if (!o || !jv_equal(&a->u.d->v[i], o)) return 0;
+      if (!o || !equal_d(&a->u.d->v[i], o, depth + 1)) return 0;
     }
     return 1;
   case JV_NS: return a->u.d == b->u.d;
@@ -339,7 +348,12 @@ int jv_equal(const jv *a, const jv *b) {
   }
 }
 
-int jv_compare(const jv *a, const jv *b) {
+static int compare_d(const jv *a, const jv *b, int depth);
+
+int jv_compare(const jv *a, const jv *b) { return compare_d(a, b, 0); }
+
+static int compare_d(const jv *a, const jv *b, int depth) {
+  if (depth > JV_MAX_NEST) return -2;
   if (jv_is_number(a) && jv_is_number(b)) {
     if (a->kind != JV_FLOAT && b->kind != JV_FLOAT) {
       int64_t x = jv_intval(a), y = jv_intval(b);
@@ -358,8 +372,8 @@ int jv_compare(const jv *a, const jv *b) {
   if (a->kind == JV_LIST && b->kind == JV_LIST && (a->flags & JV_F_TUPLE) == (b->flags & JV_F_TUPLE)) {
     size_t n = a->u.l->n < b->u.l->n ? a->u.l->n : b->u.l->n;
     for (size_t i = 0; i < n; i++) {
-      if (jv_equal(&a->u.l->v[i], &b->u.l->v[i])) continue;
-      return jv_compare(&a->u.l->v[i], &b->u.l->v[i]);
+      if (equal_d(&a->u.l->v[i], &b->u.l->v[i], depth + 1)) continue;
+      return compare_d(&a->u.l->v[i], &b->u.l->v[i], depth + 1);
     }
     return a->u.l->n < b->u.l->n ? -1 : a->u.l->n > b->u.l->n;
   }
@@ -453,7 +467,15 @@ static int put_str_repr(jbuf *b, const jstr *s) {
   return jbuf_putc(b, q);
 }
 
-int jv_repr(jbuf *b, const jv *v) {
+static int repr_d(jbuf *b, const jv *v, int depth);
+
+int jv_repr(jbuf *b, const jv *v) { return repr_d(b, v, 0); }
+
+static int repr_d(jbuf *b, const jv *v, int depth) {
+  if (depth > JV_MAX_NEST) {
+    b->over = 1;
+    return -1;
+  }
   switch (v->kind) {
   case JV_STR: return put_str_repr(b, v->u.s);
   case JV_LIST: {
@@ -461,7 +483,7 @@ int jv_repr(jbuf *b, const jv *v) {
     if (jbuf_putc(b, tup ? '(' : '[') < 0) return -1;
     for (size_t i = 0; i < v->u.l->n; i++) {
       if (i && jbuf_put(b, ", ", 2) < 0) return -1;
-      if (jv_repr(b, &v->u.l->v[i]) < 0) return -1;
+      if (repr_d(b, &v->u.l->v[i], depth + 1) < 0) return -1;
     }
     if (tup && v->u.l->n == 1 && jbuf_putc(b, ',') < 0) return -1;
     return jbuf_putc(b, tup ? ')' : ']');
@@ -471,12 +493,20 @@ int jv_repr(jbuf *b, const jv *v) {
       if (jbuf_putc(b, '{') < 0) return -1;
       for (size_t i = 0; i < v->u.d->n; i++) {
         if (i && jbuf_put(b, ", ", 2) < 0) return -1;
-        if (jv_repr(b, &v->u.d->k[i]) < 0 || jbuf_put(b, ": ", 2) < 0 || jv_repr(b, &v->u.d->v[i]) < 0) return -1;
+        if (repr_d(b, &v->u.d->k[i], depth + 1) < 0 || jbuf_put(b, ": ", 2) < 0 ||
+            repr_d(b, &v->u.d->v[i], depth + 1) < 0)
+          return -1;
       }
       return jbuf_putc(b, '}');
     }
     return jbuf_printf(b, "<LoopContext>");
   case JV_UNDEF: return jbuf_put(b, "Undefined", 9);
+  case JV_NS: {
+    jv d = {.kind = JV_DICT};
+    d.u.d = v->u.d;
+    if (jbuf_put(b, "<Namespace ", 11) < 0 || repr_d(b, &d, depth + 1) < 0) return -1;
+    return jbuf_putc(b, '>');
+  }
   default: return jv_to_str(b, v);
   }
 }
@@ -490,13 +520,7 @@ int jv_to_str(jbuf *b, const jv *v) {
   case JV_INT: return jbuf_printf(b, "%lld", (long long)v->u.i);
   case JV_FLOAT: jv_float_repr(tmp, sizeof tmp, v->u.f); return jbuf_put(b, tmp, strlen(tmp));
   case JV_STR: return jbuf_put(b, v->u.s->s, v->u.s->len);
-  case JV_NS: {
-    /* Namespace prints as <Namespace {...}>. */
-    jv d = {.kind = JV_DICT};
-    d.u.d = v->u.d;
-    if (jbuf_put(b, "<Namespace ", 11) < 0 || jv_repr(b, &d) < 0) return -1;
-    return jbuf_putc(b, '>');
-  }
+  case JV_NS: return jv_repr(b, v);
   case JV_FUNC: return jbuf_printf(b, "<function>");
   default: return jv_repr(b, v);
   }
