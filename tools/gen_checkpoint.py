@@ -147,20 +147,30 @@ def encode(a, dtype):
     return to_bf16_bits(a).astype("<u2"), "BF16"
 
 
-def write_safetensors(path, items):
-    """items: [(name, array, st_dtype)] written with a sorted header, 8-byte aligned data."""
+ST_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+ST_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+
+
+def write_safetensors(path, entries, produce):
+    """entries: [(name, shape, st_dtype)]; produce(name) returns that tensor's encoded array.
+    The header (sorted keys, padded to 8 bytes) is written first and the tensors are then made
+    and written one at a time, so a billion-parameter file never sits in memory whole."""
     header, off = {}, 0
-    for name, arr, sd in items:
-        header[name] = {"dtype": sd, "shape": list(arr.shape), "data_offsets": [off, off + arr.nbytes]}
-        off += arr.nbytes
+    for name, shape, sd in entries:
+        nb = int(np.prod(shape, dtype=np.int64)) * ST_BYTES[sd]
+        header[name] = {"dtype": sd, "shape": list(shape), "data_offsets": [off, off + nb]}
+        off += nb
     header["__metadata__"] = {"format": "pt"}
     h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     h += b" " * ((8 - len(h) % 8) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(h)))
         f.write(h)
-        for _, arr, _ in items:
-            f.write(np.ascontiguousarray(arr).tobytes())
+        for name, shape, sd in entries:
+            arr = np.ascontiguousarray(produce(name))
+            assert arr.shape == tuple(shape) and arr.nbytes == header[name]["data_offsets"][1] - \
+                header[name]["data_offsets"][0], name
+            f.write(arr.tobytes())
 
 
 def hf_config(p, dtype):
@@ -332,19 +342,22 @@ def generate(preset, out_dir, dtype="f32", shards=1, seed=0, gguf_path=None, tok
     # Round-robin over the shards: every shard gets tensors, and each layer spans several files.
     groups = [specs[i::shards] for i in range(min(shards, len(specs)))]
     weight_map, total_bytes, keep = {}, 0, []
+    kinds = {n: (sh, k) for n, sh, k in specs}
+
+    def produce(name):
+        a = make_tensor(seed, name, *kinds[name])
+        if gguf_path and not big:
+            keep.append((name, a))
+        return encode(a, dtype)[0]
+
     for gi, group in enumerate(groups):
         fname = ("model.safetensors" if len(groups) == 1
                  else f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors")
-        items = []
-        for name, shape, kind in sorted(group):
-            a = make_tensor(seed, name, shape, kind)
-            if gguf_path and not big:
-                keep.append((name, a))
-            enc, sd = encode(a, dtype)
-            items.append((name, enc, sd))
+        entries = [(name, shape, ST_NAMES[dtype]) for name, shape, _ in sorted(group)]
+        for name, shape, sd in entries:
             weight_map[name] = fname
-            total_bytes += enc.nbytes
-        write_safetensors(out / fname, items)
+            total_bytes += int(np.prod(shape, dtype=np.int64)) * ST_BYTES[sd]
+        write_safetensors(out / fname, entries, produce)
     if len(groups) > 1:
         idx = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(idx, indent=2) + "\n")
