@@ -523,6 +523,10 @@ int comm_tcp_create(const comm_tcp_config *cfg, comm **out, ts_err *err) {
   t->io_timeout_ms = cfg->io_timeout_ms > 0 ? cfg->io_timeout_ms : 10000;
   t->small_max_bytes = cfg->small_max_bytes;
   snprintf(t->addr[cfg->rank], ADDR_MAX, "self");
+  static const uint8_t zero_secret[WIRE_SECRET_LEN];
+  if (cfg->size > 1 && wire_secret_equal(cfg->secret, zero_secret))
+    LOG_W("comm rank %d: the launch secret is all zeros; any process that knows the group id "
+          "can join", cfg->rank);
   int64_t deadline = net_now_ms() + (cfg->connect_timeout_ms > 0 ? cfg->connect_timeout_ms : 60000);
   int rc = 0;
   if (cfg->size > 1)

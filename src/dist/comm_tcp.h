@@ -21,7 +21,7 @@ typedef struct {
   const char *bind_host;     /* ranks > 0: listener address; NULL: the local address of the
                                 route to the master (never a wildcard unless given one) */
   int bind_port;             /* ranks > 0: 0 = ephemeral */
-  uint64_t group_id;         /* this launch's group */
+  uint64_t group_id;         /* this launch's group; set it and the secret per launch */
   uint64_t fingerprint;      /* optional: the model's fingerprint, 0 if unused */
   uint8_t secret[WIRE_SECRET_LEN];
   int connect_timeout_ms;    /* the whole rendezvous (default 60 s) */

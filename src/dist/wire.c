@@ -836,16 +836,22 @@ int wire_hello_verify(const wire_hello *local, const wire_hello *peer, char *rea
 static void peer_name(int fd, char *out, size_t len) {
   struct sockaddr_storage ss;
   socklen_t sl = sizeof ss;
-  char host[NET_HOST_MAX] = "?";
-  int port = 0;
-  if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0) {
-    void *a = ss.ss_family == AF_INET6 ? (void *)&((struct sockaddr_in6 *)&ss)->sin6_addr
-                                       : (void *)&((struct sockaddr_in *)&ss)->sin_addr;
-    port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
-                                          : ((struct sockaddr_in *)&ss)->sin_port);
-    inet_ntop(ss.ss_family, a, host, sizeof host);
+  if (getpeername(fd, (struct sockaddr *)&ss, &sl) != 0) {
+    snprintf(out, len, "an unknown peer");
+    return;
   }
-  snprintf(out, len, "%s:%d", host, port);
+  if (ss.ss_family != AF_INET && ss.ss_family != AF_INET6) {
+    snprintf(out, len, "a local socket");
+    return;
+  }
+  char host[NET_HOST_MAX] = "?";
+  int v6 = ss.ss_family == AF_INET6;
+  const void *a = v6 ? (const void *)&((struct sockaddr_in6 *)&ss)->sin6_addr
+                     : (const void *)&((struct sockaddr_in *)&ss)->sin_addr;
+  int port = ntohs(v6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                      : ((struct sockaddr_in *)&ss)->sin_port);
+  inet_ntop(ss.ss_family, a, host, sizeof host);
+  snprintf(out, len, v6 ? "[%s]:%d" : "%s:%d", host, port);
 }
 
 static int64_t min_deadline(int64_t deadline_ms, int grace_ms) {

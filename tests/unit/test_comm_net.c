@@ -79,6 +79,7 @@ static void *v6_rank(void *p) {
   cfg.master_port = a->port;
   cfg.listen_fd = a->rank == 0 ? a->lfd : -1;
   cfg.group_id = 6;
+  memset(cfg.secret, 0x5a, sizeof cfg.secret);
   cfg.connect_timeout_ms = 10000;
   ts_err err = {0};
   comm *c = NULL;
