@@ -155,7 +155,6 @@ int main(void) {
   } cases[] = {
       {"tiny-qwen2", "--dtype bf16 --shards 3", TS_BF16, 2},
       {"tiny-qwen3", "--dtype f16", TS_F16, 2},
-      {"tiny-llama", "--dtype f32", TS_F32, 1},
       {"tiny-llama-tied", "--dtype bf16", TS_BF16, 2},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
