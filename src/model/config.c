@@ -393,6 +393,13 @@ int config_from_gguf(model_config *cfg, const gguf_file *g, ts_err *err) {
   cfg->head_dim = cfg->d_model / cfg->n_head;
   TS_TRY(gguf_req_u64(g, arch, "attention.key_length", &cfg->head_dim, 0, err));
   TS_TRY(gguf_req_u64(g, arch, "context_length", &cfg->max_pos, 0, err));
+  int rope_dims = cfg->head_dim;
+  TS_TRY(gguf_req_u64(g, arch, "rope.dimension_count", &rope_dims, 0, err));
+  if (rope_dims != cfg->head_dim)
+    return ts_errorf(err, TS_EUNSUPPORTED,
+                     "%s: %s.rope.dimension_count %d differs from the head size %d (partial "
+                     "rotary embeddings are not supported)",
+                     g->path, arch, rope_dims, cfg->head_dim);
   TS_TRY(gguf_opt_f32(g, arch, "attention.layer_norm_rms_epsilon", &cfg->rms_eps, err));
   TS_TRY(gguf_opt_f32(g, arch, "rope.freq_base", &cfg->rope_theta, err));
 
