@@ -7,9 +7,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "backend/backend.h"
 #include "cli/cli.h"
+#include "dist/executor_mp.h"
 #include "engine/engine.h"
 #include "hub/hub.h"
 #include "model/model.h"
@@ -36,6 +39,10 @@ typedef struct {
   const char *chat_template;
   int tp, pp;
   const char *executor;
+  const char *layer_split;
+  const char *ray_address, *ray_device_key, *ray_device_env, *ray_strategy;
+  int ray_placement_timeout;
+  int restart_workers;
 } serve_opts;
 
 static void usage(FILE *f) {
@@ -58,9 +65,20 @@ static void usage(FILE *f) {
           "  --device cpu|cuda                (default cpu)\n"
           "  --revision R                     hub revision (default main)\n"
           "  --chat-template FILE             chat template overriding the model's\n"
-          "  --tensor-parallel-size N         (1 only for now)\n"
-          "  --pipeline-parallel-size N       (1 only for now)\n"
-          "  --distributed-executor-backend B (uni only for now)\n");
+          "  --tensor-parallel-size N         tensor-parallel workers per stage (default 1)\n"
+          "  --pipeline-parallel-size N       pipeline stages (default 1)\n"
+          "  --pipeline-layer-split A,B,...   layers per stage (default: even)\n"
+          "  --distributed-executor-backend B uni (one process) | mp (worker processes on this\n"
+          "                                   machine) | ray (workers on a Ray cluster); default\n"
+          "                                   uni, or mp when T x P > 1\n"
+          "  --restart-workers                relaunch every worker when one fails (default:\n"
+          "                                   shut down)\n"
+          "  --ray-address ADDR               Ray cluster (default auto)\n"
+          "  --ray-device-key KEY             Ray resource per worker (default tessera_cpu or GPU)\n"
+          "  --ray-device-env VAR             variable naming the worker's unit (default\n"
+          "                                   TESSERA_CPU_DEVICES or CUDA_VISIBLE_DEVICES)\n"
+          "  --ray-placement-strategy S       PACK | SPREAD (default PACK)\n"
+          "  --ray-placement-timeout SECONDS  (default 60)\n");
 }
 
 static int parse_ll(const char *flag, const char *v, long long lo, long long hi, long long *out) {
@@ -89,7 +107,7 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
   *o = (serve_opts){.host = "0.0.0.0", .port = 8000, .max_num_seqs = 256,
                     .kv_cache_memory = 0,
                     .block_size = 16, .enable_prefix_caching = 1, .device = "cpu", .tp = 1,
-                    .pp = 1, .executor = "uni"};
+                    .pp = 1, .ray_placement_timeout = 60};
   for (int i = 1; i < argc; i++) {
     char *a = argv[i];
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -110,6 +128,10 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
     }
     if (!strcmp(a, "--no-enable-prefix-caching")) {
       o->enable_prefix_caching = 0;
+      continue;
+    }
+    if (!strcmp(a, "--restart-workers")) {
+      o->restart_workers = 1;
       continue;
     }
     /* Every other flag takes a value: "--flag value" or "--flag=value". */
@@ -144,6 +166,7 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
     INT_FLAG("-tp", 1, 1024, tp)
     INT_FLAG("--pipeline-parallel-size", 1, 1024, pp)
     INT_FLAG("-pp", 1, 1024, pp)
+    INT_FLAG("--ray-placement-timeout", 1, 86400, ray_placement_timeout)
 #undef INT_FLAG
     if (!strcmp(name, "--kv-cache-memory")) {
       if (parse_ll(name, v, 1, 1LL << 50, &o->kv_cache_memory) < 0) return -1;
@@ -163,6 +186,16 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
       o->chat_template = v;
     } else if (!strcmp(name, "--distributed-executor-backend")) {
       o->executor = v;
+    } else if (!strcmp(name, "--pipeline-layer-split")) {
+      o->layer_split = v;
+    } else if (!strcmp(name, "--ray-address")) {
+      o->ray_address = v;
+    } else if (!strcmp(name, "--ray-device-key")) {
+      o->ray_device_key = v;
+    } else if (!strcmp(name, "--ray-device-env")) {
+      o->ray_device_env = v;
+    } else if (!strcmp(name, "--ray-placement-strategy")) {
+      o->ray_strategy = v;
     } else {
       fprintf(stderr, "tessera serve: unknown option '%s' (see tessera serve --help)\n", name);
       return -1;
@@ -172,18 +205,22 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
     fprintf(stderr, "tessera serve: MODEL is required (see tessera serve --help)\n");
     return -1;
   }
-  if (o->tp != 1 || o->pp != 1) {
+  if (!o->executor) o->executor = o->tp * o->pp > 1 ? "mp" : "uni";
+  if (strcmp(o->executor, "uni") && strcmp(o->executor, "mp") && strcmp(o->executor, "ray")) {
+    fprintf(stderr, "tessera serve: --distributed-executor-backend expects uni, mp or ray, got '%s'\n",
+            o->executor);
+    return -1;
+  }
+  if (!strcmp(o->executor, "uni") && o->tp * o->pp > 1) {
     fprintf(stderr,
-            "tessera serve: --tensor-parallel-size %d --pipeline-parallel-size %d: only 1 is "
-            "supported in this build\n",
+            "tessera serve: --tensor-parallel-size %d --pipeline-parallel-size %d needs worker "
+            "processes: use --distributed-executor-backend mp or ray\n",
             o->tp, o->pp);
     return -1;
   }
-  if (strcmp(o->executor, "uni") != 0) {
-    fprintf(stderr,
-            "tessera serve: --distributed-executor-backend %s: only 'uni' is supported in this "
-            "build\n",
-            o->executor);
+  if (o->ray_strategy && strcmp(o->ray_strategy, "PACK") && strcmp(o->ray_strategy, "SPREAD")) {
+    fprintf(stderr, "tessera serve: --ray-placement-strategy expects PACK or SPREAD, got '%s'\n",
+            o->ray_strategy);
     return -1;
   }
   return 0;
@@ -224,6 +261,14 @@ static void raise_fd_limit(void) {
   }
 }
 
+/* The executor gave up on its workers: the main thread shuts the server down. */
+static char g_fatal_msg[TS_ERR_MSG_MAX];
+static void on_workers_fatal(void *user, const char *msg) {
+  (void)user;
+  snprintf(g_fatal_msg, sizeof g_fatal_msg, "%s", msg);
+  kill(getpid(), SIGUSR1);
+}
+
 int cmd_serve(int argc, char **argv) {
   serve_opts o;
   int prc = parse_args(argc, argv, &o);
@@ -234,6 +279,7 @@ int cmd_serve(int argc, char **argv) {
   sigemptyset(&sigs);
   sigaddset(&sigs, SIGINT);
   sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGUSR1);
   pthread_sigmask(SIG_BLOCK, &sigs, NULL);
   signal(SIGPIPE, SIG_IGN);
   raise_fd_limit();
@@ -263,10 +309,34 @@ int cmd_serve(int argc, char **argv) {
     step_tokens = ctx > 2048 ? ctx : 2048;
   }
 
-  if (backend_create(&be, o.device, o.threads, &err) < 0) goto fail;
-  model_shard shard = model_shard_default(&cfg, 0, 1, 0, 1);
-  if (model_load(&m, path, &shard, be, step_tokens, &err) < 0) goto fail;
-  if (tok_load_path(&tok, path, &err) < 0) goto fail;
+  int distributed = strcmp(o.executor, "uni") != 0;
+  executor *ex = NULL;
+  if (distributed) {
+    executor_mp_config mc = {.launch = strcmp(o.executor, "ray") ? MP_LAUNCH_LOCAL : MP_LAUNCH_RAY,
+                             .model_path = path,
+                             .tp = o.tp,
+                             .pp = o.pp,
+                             .layer_split = o.layer_split,
+                             .device = o.device,
+                             .threads = o.threads,
+                             .max_tokens = step_tokens,
+                             .restart_workers = o.restart_workers,
+                             .ray_address = o.ray_address,
+                             .ray_device_key = o.ray_device_key,
+                             .ray_device_env = o.ray_device_env,
+                             .ray_strategy = o.ray_strategy,
+                             .ray_placement_timeout_s = o.ray_placement_timeout,
+                             .on_fatal = on_workers_fatal};
+    if (executor_mp_create(&ex, &mc, &err) < 0) goto fail;
+  } else {
+    if (backend_create(&be, o.device, o.threads, &err) < 0) goto fail;
+    model_shard shard = model_shard_default(&cfg, 0, 1, 0, 1);
+    if (model_load(&m, path, &shard, be, step_tokens, &err) < 0) goto fail;
+  }
+  if (tok_load_path(&tok, path, &err) < 0) {
+    executor_shutdown(ex);
+    goto fail;
+  }
   engine_config ec = {.max_model_len = o.max_model_len,
                       .max_num_seqs = o.max_num_seqs,
                       .max_num_batched_tokens = o.max_num_batched_tokens,
@@ -274,7 +344,9 @@ int cmd_serve(int argc, char **argv) {
                       .kv_cache_bytes = o.kv_cache_memory,
                       .enable_prefix_caching = o.enable_prefix_caching,
                       .seed = (uint64_t)o.seed};
-  if (engine_create(&e, m, tok, &ec, &err) < 0) goto fail;
+  if (distributed ? engine_create_with_executor(&e, ex, tok, &ec, &err) < 0
+                  : engine_create(&e, m, tok, &ec, &err) < 0)
+    goto fail;
   engine_get_config(e, &ec); /* the limits it settled on (model defaults filled in) */
 
   http_server_config hc = {.host = o.host,
@@ -291,6 +363,18 @@ int cmd_serve(int argc, char **argv) {
 
   int sig = 0;
   sigwait(&sigs, &sig);
+  if (sig == SIGUSR1) {
+    /* Keep answering a little longer (/health 503, the failed requests' errors), then stop. */
+    const char *g = getenv("TESSERA_FAULT_GRACE_MS");
+    long grace = g && atol(g) >= 0 ? atol(g) : 2000;
+    fprintf(stderr, "tessera serve: worker failure: %s\n", g_fatal_msg);
+    fflush(stderr);
+    struct timespec ts = {grace / 1000, (grace % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+    fprintf(stderr, "tessera serve: shutting down after a worker failure\n");
+    rc = 1;
+    goto done;
+  }
   fprintf(stderr, "tessera serve: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
   rc = 0;
   goto done;

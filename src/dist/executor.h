@@ -48,6 +48,11 @@ struct executor {
   const executor_ops *ops;
   executor_info info;
   void *impl;
+  /* Bumped (by the executor, atomically) each time the workers' KV caches were lost, e.g. when
+   * they were restarted; the engine then fails every live request, forgets its prefix cache and
+   * sets kv_epoch_seen. Steps are refused while the two differ. Always 0 for uni. */
+  uint64_t kv_epoch;
+  uint64_t kv_epoch_seen;
 };
 
 /* In-process executor over an already loaded model (which the caller keeps and frees after

@@ -289,8 +289,22 @@ static void seq_advance(engine *e, engine_seq *s, float *logits) {
   }
 }
 
+/* The workers lost their KV caches (e.g. they were restarted): every live request fails, since its
+ * cached state is gone and its request may be what broke them, and the prefix cache is forgotten. */
+static int kv_epoch_sync(engine *e) {
+  uint64_t epoch = __atomic_load_n(&e->ex->kv_epoch, __ATOMIC_ACQUIRE);
+  if (epoch == e->ex->kv_epoch_seen) return 0;
+  LOG_W("engine: the workers' KV caches were lost; failing %d live requests", e->n_live);
+  for (engine_req *r = e->live_head; r; r = r->next)
+    req_fail(e, r, ENGINE_FINISH_ERROR, "the workers were restarted and lost the KV cache");
+  block_manager_clear_cache(e->bm);
+  e->ex->kv_epoch_seen = epoch;
+  return 1;
+}
+
 static void engine_step(engine *e) {
   scheduler *sc = &e->sched;
+  if (kv_epoch_sync(e)) return;
   if (scheduler_schedule(sc) == 0) {
     /* Work exists but nothing fits: only possible when the head of the queue can never run.
      * Fail it rather than spin. */
@@ -332,6 +346,24 @@ static void engine_step(engine *e) {
     if (s->logits_row < 0 || s->state != SEQ_RUNNING) continue;
     seq_advance(e, s, e->logits + (size_t)s->logits_row * e->vocab);
   }
+}
+
+/* The workers lost their KV caches (they were restarted): every live request fails and the
+ * prefix cache, whose blocks now hold nothing, is forgotten by starting a fresh block manager. */
+static void check_kv_epoch(engine *e) {
+  uint64_t ep = __atomic_load_n(&e->ex->kv_epoch, __ATOMIC_ACQUIRE);
+  if (ep == e->ex->kv_epoch_seen) return;
+  for (engine_req *r = e->live_head; r; r = r->next)
+    req_fail(e, r, ENGINE_FINISH_ERROR, "the workers were restarted; the request was lost");
+  block_manager *nbm;
+  if (block_manager_all_free(e->bm) &&
+      block_manager_create(&nbm, block_manager_num_blocks(e->bm), e->cfg.block_size,
+                           e->cfg.enable_prefix_caching, NULL) == 0) {
+    block_manager_free(e->bm);
+    e->bm = nbm;
+    e->sched.bm = nbm;
+  }
+  e->ex->kv_epoch_seen = ep;
 }
 
 /* ---- the loop ---- */
@@ -389,6 +421,7 @@ static void *engine_loop(void *arg) {
     /* Ids stay on the shared list until their requests are gone, so no event slips through. */
     pthread_mutex_unlock(&e->cb_mu);
 
+    check_kv_epoch(e); /* before the new requests join: they start on the new workers */
     for (engine_req *r = in, *next; r; r = next) {
       next = r->next;
       live_add(e, r);
@@ -618,6 +651,8 @@ void engine_cancel(engine *e, uint64_t id) {
   pthread_cond_signal(&e->cv);
   pthread_mutex_unlock(&e->mu);
 }
+
+int engine_health(engine *e, ts_err *err) { return executor_health(e->ex, err); }
 
 void engine_get_stats(engine *e, engine_stats *out) {
   pthread_mutex_lock(&e->mu);

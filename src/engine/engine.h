@@ -98,5 +98,8 @@ typedef struct {
   int64_t preemptions;
 } engine_stats;
 void engine_get_stats(engine *e, engine_stats *out);
+/* 0 when the executor's workers answer; else an error naming the dead or stalled one. Safe from
+ * any thread; never waits for a step. */
+int engine_health(engine *e, ts_err *err);
 
 #endif

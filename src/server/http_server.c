@@ -619,7 +619,12 @@ static enum MHD_Result dispatch(req_ctx *c, const char *url) {
     case ROUTE_COMPLETIONS: return handle_generation(c, SRV_KIND_COMPLETION);
     case ROUTE_CHAT: return handle_generation(c, SRV_KIND_CHAT);
     case ROUTE_MODELS: return handle_models(c);
-    case ROUTE_HEALTH: return reply(c, 200, NULL, NULL, 0);
+    case ROUTE_HEALTH: {
+      /* 503 while a worker is dead or being restarted, so load balancers stop sending. */
+      ts_err herr = {0};
+      if (engine_health(c->srv->e, &herr) < 0) return reply_error(c, 503, NULL, herr.msg);
+      return reply(c, 200, NULL, NULL, 0);
+    }
     case ROUTE_METRICS: return handle_metrics(c);
     case ROUTE_TOKENIZE: return handle_tokenize(c, 0);
     case ROUTE_DETOKENIZE: return handle_tokenize(c, 1);
