@@ -29,7 +29,7 @@ EMOJI = ["\U0001F600", "\U0001F44D\U0001F3FD", "\U0001F468\u200d\U0001F469\u200d
 WORDS = ["the", "The", "HELLO", "world", "tokenizer", "Hello", "don", "I", "a", "ab", "once",
          "upon", "time", "Lily", "naïve", "café", "Führer", "Äpfel", "straße", "İstanbul",
          "日本語", "中文", "한국어", "Привет", "مرحبا", "नमस्ते", "สวัสดี", "שלום", "ελληνικά"]
-DECOMPOSED = ["e\u0301", "a\u0308", "\u1100\u1161\u11a8", "n\u0303", "A\u030a", "\u0915\u093c"]
+DECOMPOSED = ["e\u0301", "\uac00\u11a7", "\u1100\u1161\u11a7", "a\u0308", "\u1100\u1161\u11a8", "n\u0303", "A\u030a", "\u0915\u093c"]
 
 
 def _assigned(cp):

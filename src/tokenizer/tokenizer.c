@@ -250,10 +250,11 @@ static int replace_all(tok_buf *out, const char *s, size_t n, const char *pat, s
 /* Code points that Hugging Face's normalizer tables (an older Unicode) treat as plain starters
  * while utf8proc gives them a combining class or a composition: normalization never reorders or
  * composes across them there, so they are normalized as segments of their own here. Found by
- * comparing tokenizers' NFC with Python's unicodedata over every code point. */
+ * comparing tokenizers' NFC with Python's unicodedata over every code point. U+11A7 is here
+ * because utf8proc composes an LV syllable with it (dropping it), which is not NFC. */
 static const uint32_t HF_STARTERS[][2] = {
     {0x7FD, 0x7FD}, {0x898, 0x89F}, {0x8CA, 0x8D3}, {0x9FE, 0x9FE}, {0xC3C, 0xC3C},
-    {0xD3B, 0xD3C}, {0xEBA, 0xEBA}, {0x1715, 0x1715}, {0x1ABF, 0x1ACE}, {0x1DF6, 0x1DFA},
+    {0xD3B, 0xD3C}, {0xEBA, 0xEBA}, {0x11A7, 0x11A7}, {0x1715, 0x1715}, {0x1ABF, 0x1ACE}, {0x1DF6, 0x1DFA},
     {0xA82C, 0xA82C}, {0x10D24, 0x10D27}, {0x10EAB, 0x10EAC}, {0x10F46, 0x10F50},
     {0x10F82, 0x10F85}, {0x11070, 0x11070}, {0x1133B, 0x1133B}, {0x1145E, 0x1145E},
     {0x11839, 0x1183A}, {0x11930, 0x11930}, {0x1193D, 0x1193E}, {0x11943, 0x11943},
