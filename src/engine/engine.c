@@ -348,24 +348,6 @@ static void engine_step(engine *e) {
   }
 }
 
-/* The workers lost their KV caches (they were restarted): every live request fails and the
- * prefix cache, whose blocks now hold nothing, is forgotten by starting a fresh block manager. */
-static void check_kv_epoch(engine *e) {
-  uint64_t ep = __atomic_load_n(&e->ex->kv_epoch, __ATOMIC_ACQUIRE);
-  if (ep == e->ex->kv_epoch_seen) return;
-  for (engine_req *r = e->live_head; r; r = r->next)
-    req_fail(e, r, ENGINE_FINISH_ERROR, "the workers were restarted; the request was lost");
-  block_manager *nbm;
-  if (block_manager_all_free(e->bm) &&
-      block_manager_create(&nbm, block_manager_num_blocks(e->bm), e->cfg.block_size,
-                           e->cfg.enable_prefix_caching, NULL) == 0) {
-    block_manager_free(e->bm);
-    e->bm = nbm;
-    e->sched.bm = nbm;
-  }
-  e->ex->kv_epoch_seen = ep;
-}
-
 /* ---- the loop ---- */
 
 static void stats_update_locked(engine *e) {
@@ -421,7 +403,7 @@ static void *engine_loop(void *arg) {
     /* Ids stay on the shared list until their requests are gone, so no event slips through. */
     pthread_mutex_unlock(&e->cb_mu);
 
-    check_kv_epoch(e); /* before the new requests join: they start on the new workers */
+    kv_epoch_sync(e); /* before new requests join: they start on the restarted workers */
     for (engine_req *r = in, *next; r; r = next) {
       next = r->next;
       live_add(e, r);
