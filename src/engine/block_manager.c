@@ -279,3 +279,14 @@ void block_manager_release(block_manager *bm, block_table *t) {
   t->n = 0;
   t->n_hashed = 0;
 }
+
+void block_manager_clear_cache(block_manager *bm) {
+  while (bm->lru_head >= 0) {
+    int b = bm->lru_head;
+    lru_remove(bm, b);
+    cache_remove(bm, b);
+    bm->free_stack[bm->n_free_stack++] = b;
+  }
+  for (int b = 0; b < bm->n_blocks; b++)
+    if (bm->cached[b]) cache_remove(bm, b);
+}

@@ -53,6 +53,9 @@ int block_manager_share(block_manager *bm, block_table *dst, const block_table *
 /* Records that tokens[0..n_computed) are in t's KV blocks: hashes the newly full blocks and, with
  * prefix caching, offers them to the cache. */
 void block_manager_commit(block_manager *bm, block_table *t, const int32_t *tokens, int n_computed);
+/* Forgets every cached block (their contents are gone, e.g. the workers restarted); blocks that
+ * sequences still hold stay theirs but leave the cache. */
+void block_manager_clear_cache(block_manager *bm);
 /* Drops t's references; blocks nobody holds become free (or cached-and-evictable). t is left
  * empty and reusable. */
 void block_manager_release(block_manager *bm, block_table *t);

@@ -150,8 +150,12 @@ static void test_lru(void) {
   CHECK(block_manager_acquire_prefix(bm, &tb, a2, 4) == 2);
   CHECK(block_manager_ensure(bm, &ta, 6) == TS_EBUSY); /* 2 held by tc (1 shared), 4 total */
   block_manager_release(bm, &tb);
+  /* Clearing the cache keeps tc's blocks held but no longer findable. */
+  block_manager_clear_cache(bm);
+  CHECK(block_manager_num_cached(bm) == 0 && block_manager_num_free(bm) == 2);
+  CHECK(block_manager_acquire_prefix(bm, &tb, a, 4) == 0);
   block_manager_release(bm, &tc);
-  CHECK(block_manager_all_free(bm));
+  CHECK(block_manager_all_free(bm) && block_manager_num_cached(bm) == 0);
   block_table_free(&ta);
   block_table_free(&tb);
   block_table_free(&tc);

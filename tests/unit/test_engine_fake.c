@@ -108,6 +108,7 @@ static void fake_shutdown(executor *ex) {
 static const executor_ops fake_ops = {"fake", fake_init_kv, fake_step, NULL, fake_shutdown};
 
 static int g_delay_us;
+static executor *g_last_ex;
 
 static fake_impl *g_last_fake = &g_last_stats;
 
@@ -125,6 +126,7 @@ static executor *fake_create(int fail_at_step) {
   ex->info.bos_id = 1;
   ex->info.n_eos = 1;
   ex->info.eos_ids[0] = EOS_ID;
+  g_last_ex = ex;
   return ex;
 }
 
@@ -554,9 +556,45 @@ static void test_n_shares_prompt(void) {
             g_last_fake->tokens_computed);
 }
 
+/* The workers lose their KV caches mid-run: live requests fail, every block is free, the prefix
+ * cache is forgotten, and later requests are served normally. */
+static void test_kv_epoch(void) {
+  test_rng r = {test_seed(0xe90c)};
+  static req_spec specs[4];
+  static req_out outs[4];
+  make_specs(specs, 4, &r);
+  for (int q = 0; q < 4; q++) {
+    specs[q].n_prompt = 40;
+    specs[q].p.ignore_eos = 1;
+    specs[q].p.max_tokens = 200;
+    specs[q].p.n = 1;
+  }
+  g_delay_us = 100;
+  engine *e = make_engine(8, 4096, 4, 8 * MAX_POS, 1, -1);
+  g_delay_us = 0;
+  reset_done();
+  run_all(e, specs, 2, outs, 0);
+  for (int spin = 0; spin < 200000 && events_now(&outs[1]) < 3; spin++) usleep(50);
+  executor *ex = g_last_ex;
+  __atomic_add_fetch(&ex->kv_epoch, 1, __ATOMIC_RELEASE);
+  wait_done(2);
+  CHECK(outs[0].ch[0].finish == ENGINE_FINISH_ERROR && outs[1].ch[0].finish == ENGINE_FINISH_ERROR);
+  check_idle(e);
+  /* The same prompt again: nothing cached survives; then it is served in full. */
+  specs[0].p.max_tokens = 3;
+  run_all(e, specs, 1, outs, 1);
+  CHECK(outs[0].ch[0].finish == ENGINE_FINISH_LENGTH && outs[0].ch[0].n == 3);
+  CHECK(outs[0].ch[0].cached_tokens == 0);
+  run_all(e, specs, 1, outs, 1);
+  CHECK(outs[0].ch[0].cached_tokens > 0);
+  check_idle(e);
+  engine_destroy(e);
+}
+
 int main(void) {
   test_differential();
   test_n_shares_prompt();
+  test_kv_epoch();
   test_n_seeded();
   test_cancel();
   test_errors();
