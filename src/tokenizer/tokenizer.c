@@ -36,15 +36,18 @@ int tok_set_mpiece(struct tokenizer *t, int32_t id, const char *s, size_t len) {
   return 0;
 }
 
-static const struct tokenizer *sort_ctx_t;
-static const tok_matcher *sort_ctx_m;
-static int matcher_cmp(const void *a, const void *b) {
-  int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
-  const tok_matcher *m = sort_ctx_m;
-  unsigned ci = (unsigned char)m->text[i][0], cj = (unsigned char)m->text[j][0];
-  if (ci != cj) return ci < cj ? -1 : 1;
-  if (m->len[i] != m->len[j]) return m->len[i] > m->len[j] ? -1 : 1;
-  return i < j ? -1 : (i > j);
+typedef struct {
+  unsigned first;
+  size_t len;
+  int32_t idx;
+} match_key;
+
+/* By first byte, then longest first (leftmost-longest matching tries the longest first). */
+static int match_key_cmp(const void *pa, const void *pb) {
+  const match_key *a = pa, *b = pb;
+  if (a->first != b->first) return a->first < b->first ? -1 : 1;
+  if (a->len != b->len) return a->len > b->len ? -1 : 1;
+  return a->idx < b->idx ? -1 : (a->idx > b->idx);
 }
 
 /* text/len are indexed by added-token index; idx lists the members, sorted for matching. */
@@ -77,9 +80,13 @@ static int matcher_build(const struct tokenizer *t, tok_matcher *m, int normaliz
     m->idx[m->n++] = i;
   }
   tok_buf_free(&nb);
-  sort_ctx_t = t;
-  sort_ctx_m = m;
-  qsort(m->idx, (size_t)m->n, sizeof *m->idx, matcher_cmp);
+  match_key *keys = malloc(((size_t)m->n + 1) * sizeof *keys);
+  if (!keys) return TS_ENOMEM;
+  for (int i = 0; i < m->n; i++)
+    keys[i] = (match_key){(unsigned char)m->text[m->idx[i]][0], m->len[m->idx[i]], m->idx[i]};
+  qsort(keys, (size_t)m->n, sizeof *keys, match_key_cmp);
+  for (int i = 0; i < m->n; i++) m->idx[i] = keys[i].idx;
+  free(keys);
   int k = 0;
   for (int c = 0; c < 257; c++) {
     while (k < m->n && (unsigned char)m->text[m->idx[k]][0] < c) k++;
