@@ -1,0 +1,202 @@
+/* The mp executor against the uni executor on stories260K: the same random plans (interleaved
+ * prefill chunks and decode steps of several sequences over shuffled KV blocks) give the same
+ * logits within fp32 tolerance with real worker processes for tp 2, pp 2 (even and uneven layer
+ * splits) and tp 2 x pp 2; a layout whose tp does not divide the KV heads fails at start with one
+ * clear line; pipeline layer splits and host address resolution on random inputs. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backend/backend.h"
+#include "dist/executor_mp.h"
+#include "dist/launch.h"
+#include "dist/worker.h"
+#include "model/model.h"
+#include "test_util.h"
+
+static test_rng rng;
+static int rnd(int lo, int hi) { return lo + (int)(test_rng_next(&rng) % (uint64_t)(hi - lo + 1)); }
+
+/* ---- layer splits ---- */
+
+static void test_layer_split(void) {
+  model_config cfg = {.n_layer = 0, .n_head = 8, .n_kv_head = 4, .d_ff = 64};
+  for (int it = 0; it < 200; it++) {
+    cfg.n_layer = rnd(1, 40);
+    int pp = rnd(1, cfg.n_layer < 8 ? cfg.n_layer : 8);
+    int counts[8], left = cfg.n_layer;
+    char split[128];
+    size_t off = 0;
+    for (int s = 0; s < pp; s++) {
+      counts[s] = s == pp - 1 ? left : rnd(1, left - (pp - 1 - s));
+      left -= counts[s];
+      off += (size_t)snprintf(split + off, sizeof split - off, s ? ",%d" : "%d", counts[s]);
+    }
+    int start = 0;
+    for (int s = 0; s < pp; s++) {
+      model_shard sh;
+      ts_err err = {0};
+      int rc = dist_stage_shard(&cfg, split, 0, 2, s, pp, &sh, &err);
+      CHECK_MSG(rc == 0, "%s: %s", split, err.msg);
+      CHECK(sh.layer_start == start && sh.layer_end == start + counts[s]);
+      start += counts[s];
+      /* No split: the even default. */
+      model_shard ev, def = model_shard_default(&cfg, 1, 2, s, pp);
+      CHECK(dist_stage_shard(&cfg, NULL, 1, 2, s, pp, &ev, &err) == 0);
+      CHECK(ev.layer_start == def.layer_start && ev.layer_end == def.layer_end);
+    }
+    /* A split that does not add up, has the wrong number of stages or is not numbers. */
+    char bad[160];
+    model_shard sh;
+    ts_err err = {0};
+    snprintf(bad, sizeof bad, "%s,%d", split, rnd(1, 3));
+    CHECK(dist_stage_shard(&cfg, bad, 0, 1, 0, pp, &sh, &err) < 0 && strstr(err.msg, "layer"));
+    snprintf(bad, sizeof bad, "%sx", split);
+    CHECK(dist_stage_shard(&cfg, bad, 0, 1, 0, pp, &sh, &err) < 0);
+    CHECK(dist_stage_shard(&cfg, "0", 0, 1, 0, 1, &sh, &err) < 0);
+  }
+  model_shard sh;
+  ts_err err = {0};
+  cfg.n_layer = 5;
+  CHECK(dist_stage_shard(&cfg, NULL, 0, 3, 0, 1, &sh, &err) < 0 && strstr(err.msg, "divide"));
+}
+
+static void test_host_addr(void) {
+  char out[256];
+  ts_err err = {0};
+  for (int it = 0; it < 5; it++) {
+    char ip[32];
+    snprintf(ip, sizeof ip, "10.%d.%d.%d", rnd(0, 255), rnd(0, 255), rnd(1, 254));
+    setenv("TESSERA_HOST_IP", ip, 1);
+    CHECK(launch_host_addr(NULL, it & 1, out, sizeof out, &err) == 0 && !strcmp(out, ip));
+  }
+  unsetenv("TESSERA_HOST_IP");
+  CHECK(launch_host_addr(NULL, 1, out, sizeof out, &err) == 0 && !strcmp(out, "127.0.0.1"));
+  /* Toward loopback the route is the loopback interface. */
+  CHECK(launch_host_addr("127.0.0.1", 0, out, sizeof out, &err) == 0 && !strcmp(out, "127.0.0.1"));
+}
+
+/* ---- mp against uni ---- */
+
+#define NSEQ 3
+#define MAXT 96
+#define BS 16
+#define NBLOCKS 64
+
+typedef struct {
+  ts_batch b;
+  int32_t tokens[MAXT], pos[MAXT], seq_start[NSEQ + 1], ctx_len[NSEQ], rows[MAXT];
+  int32_t table[NSEQ * 8];
+} plan;
+
+static void run_compare(model *m, const char *path, int tp, int pp, const char *split) {
+  char exe[1024];
+  snprintf(exe, sizeof exe, "%s/tessera", TESSERA_BINARY_DIR);
+  executor_mp_config mc = {.launch = MP_LAUNCH_LOCAL, .model_path = path, .worker_exe = exe,
+                           .tp = tp, .pp = pp, .layer_split = split, .device = "cpu",
+                           .threads = 1, .max_tokens = MAXT};
+  executor *mp = NULL, *uni = NULL;
+  ts_err err = {0};
+  int rc = executor_mp_create(&mp, &mc, &err);
+  CHECK_MSG(rc == 0, "tp %d pp %d: %s", tp, pp, err.msg);
+  if (rc < 0) return;
+  CHECK(executor_uni_create(&uni, m, &err) == 0);
+  CHECK(mp->info.vocab_size == uni->info.vocab_size && mp->info.max_pos == uni->info.max_pos);
+  CHECK(mp->info.kv_bytes_per_token * tp * pp >= uni->info.kv_bytes_per_token);
+  int nb_mp = 0, nb_uni = 0;
+  CHECK(executor_init_kv(mp, BS, 0, NBLOCKS, &nb_mp, &err) == 0 && nb_mp == NBLOCKS);
+  CHECK(executor_init_kv(uni, BS, 0, NBLOCKS, &nb_uni, &err) == 0 && nb_uni == NBLOCKS);
+  CHECK(executor_health(mp, &err) == 0);
+
+  /* Each sequence owns 8 distinct shuffled blocks. */
+  int perm[NBLOCKS];
+  for (int i = 0; i < NBLOCKS; i++) perm[i] = i;
+  for (int i = NBLOCKS - 1; i > 0; i--) {
+    int j = rnd(0, i), t = perm[i];
+    perm[i] = perm[j];
+    perm[j] = t;
+  }
+  static plan p;
+  for (int i = 0; i < NSEQ * 8; i++) p.table[i] = perm[i];
+  int len[NSEQ] = {0};
+  int V = uni->info.vocab_size;
+  float *la = malloc((size_t)MAXT * V * sizeof(float)), *lb = malloc((size_t)MAXT * V * sizeof(float));
+  double worst = 0;
+  for (uint64_t step = 1; step <= 8; step++) {
+    int t = 0;
+    for (int s = 0; s < NSEQ; s++) {
+      p.seq_start[s] = t;
+      /* Prefill chunks first, then single-token decodes. */
+      int n = step <= 2 ? rnd(1, 20) : rnd(1, 2);
+      for (int i = 0; i < n; i++, t++) {
+        p.tokens[t] = rnd(0, V - 1);
+        p.pos[t] = len[s] + i;
+      }
+      len[s] += n;
+      p.ctx_len[s] = len[s];
+    }
+    p.seq_start[NSEQ] = t;
+    int nl = 0;
+    for (int i = 0; i < t; i++)
+      if (rnd(0, 2) == 0 || i == t - 1) p.rows[nl++] = i;
+    p.b = (ts_batch){t, p.tokens, p.pos, NSEQ, p.seq_start, p.ctx_len, 8, p.table, nl, p.rows};
+    int ra = executor_execute_step(mp, step, &p.b, la, &err);
+    CHECK_MSG(ra == 0, "step %d: %s", (int)step, err.msg);
+    CHECK(executor_execute_step(uni, step, &p.b, lb, &err) == 0);
+    if (ra < 0) break;
+    for (int r = 0; r < nl; r++) {
+      double e = 0, mx = 0;
+      for (int v = 0; v < V; v++) {
+        double d = fabs(la[(size_t)r * V + v] - lb[(size_t)r * V + v]);
+        e = d > e ? d : e;
+        mx = fabs(lb[(size_t)r * V + v]) > mx ? fabs(lb[(size_t)r * V + v]) : mx;
+      }
+      if (e / (mx + 1e-30) > worst) worst = e / (mx + 1e-30);
+    }
+  }
+  CHECK_MSG(worst < 1e-4, "tp %d pp %d split %s: worst relative logits error %g", tp, pp,
+            split ? split : "even", worst);
+  fprintf(stderr, "tp %d pp %d split %s: worst relative error %.3g\n", tp, pp,
+          split ? split : "even", worst);
+  free(la);
+  free(lb);
+  executor_shutdown(uni);
+  executor_shutdown(mp);
+}
+
+static void test_bad_layout(const char *path) {
+  executor_mp_config mc = {.launch = MP_LAUNCH_LOCAL, .model_path = path, .tp = 3, .pp = 1,
+                           .device = "cpu", .max_tokens = 64};
+  executor *mp = NULL;
+  ts_err err = {0};
+  CHECK(executor_mp_create(&mp, &mc, &err) < 0 && mp == NULL);
+  CHECK_MSG(strstr(err.msg, "tensor-parallel size 3 must divide") != NULL, "%s", err.msg);
+  mc.tp = 1;
+  mc.pp = 2;
+  mc.layer_split = "4,4";
+  CHECK(executor_mp_create(&mp, &mc, &err) < 0 && strstr(err.msg, "layer-split"));
+}
+
+int main(void) {
+  rng.s = 0x9d2c5680a1b3e4f7ull ^ (uint64_t)getpid() * 0x2545f4914f6cdd1dull;
+  fprintf(stderr, "seed %llx\n", (unsigned long long)rng.s);
+  test_layer_split();
+  test_host_addr();
+  char path[1024];
+  snprintf(path, sizeof path, "%s/models/stories260K-hf", test_shared_dir());
+  backend *be = NULL;
+  model *m = NULL;
+  ts_err err = {0};
+  if (backend_create(&be, "cpu", 1, &err) < 0 || model_load(&m, path, NULL, be, MAXT, &err) < 0) {
+    fprintf(stderr, "cannot load %s: %s\n", path, err.msg);
+    return 1;
+  }
+  test_bad_layout(path);
+  run_compare(m, path, 2, 1, NULL);
+  run_compare(m, path, 1, 2, "1,4");
+  run_compare(m, path, 2, 2, NULL);
+  model_free(m);
+  backend_destroy(be);
+  return test_finish("test_dist_mp");
+}
