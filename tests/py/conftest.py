@@ -37,6 +37,9 @@ def checkpoints(shared):
     gen = ROOT / "tools" / "gen_checkpoint.py"
     key = hashlib.sha256(gen.read_bytes()).hexdigest()[:12]
     cache = ROOT / "build" / "checkpoints" / key
+    for old in cache.parent.glob("*"):  # checkpoints of earlier generator versions
+        if old.name != key:
+            shutil.rmtree(old, ignore_errors=True)
     out = {}
     for preset in TINY_PRESETS:
         hf, gg = cache / preset, cache / f"{preset}.gguf"
