@@ -110,6 +110,16 @@ static int lookup(jrender *r, jscope *s, const char *name, size_t n, jv *out) {
   return 0;
 }
 
+/* Binds the names a frame owns but has not assigned yet to Undefined (see jinja_scope.c). */
+static int bind_undef(jrender *r, jscope *s, const jnodes *names, int line) {
+  for (size_t i = 0; i < names->n; i++) {
+    const jnode *nm = names->v[i];
+    jv u = jv_undef(jr_why(r, "'%.*s' is undefined", (int)(nm->nlen > 100 ? 100 : nm->nlen), nm->name));
+    if (scope_set(r, s, nm->name, nm->nlen, u) < 0) return jr_oom(r, line);
+  }
+  return 0;
+}
+
 /* ---- attribute and item access ---- */
 
 static int make_method(jrender *r, int line, jv self, int id, jv *out) {
@@ -349,8 +359,9 @@ static int percent_format(jrender *r, int line, const jstr *fmt, jv args, jv *ou
   const jv *av = &args;
   size_t na = 1, used = 0;
   /* CPython skips the "not all arguments converted" check for anything subscriptable but a
-   * tuple or str: dicts and lists. */
-  int mapping = (args.kind == JV_DICT && !(args.flags & JV_F_LOOP)) || (args.kind == JV_LIST && !(args.flags & JV_F_TUPLE));
+   * tuple or str: dicts, lists and Undefined. */
+  int mapping = (args.kind == JV_DICT && !(args.flags & JV_F_LOOP)) || (args.kind == JV_LIST && !(args.flags & JV_F_TUPLE)) ||
+                args.kind == JV_UNDEF;
   if (args.kind == JV_LIST && (args.flags & JV_F_TUPLE)) {
     av = args.u.l->v;
     na = args.u.l->n;
@@ -562,7 +573,12 @@ static int eval_args(jrender *r, jscope *sc, const jnode *n, jargs *a) {
   return 0;
 }
 
-static int capture(jrender *r, jscope *sc, const jnodes *body, int line, jv *out) {
+/* Renders body into a string; with undef set it runs in a frame of its own. */
+static int capture(jrender *r, jscope *sc, const jnodes *body, const jnodes *undef, int line, jv *out) {
+  if (undef) {
+    if (!(sc = scope_new(r, sc))) return jr_oom(r, line);
+    TS_TRY(bind_undef(r, sc, undef, line));
+  }
   jbuf buf = {.limit = r->lim.max_output};
   jbuf *saved = r->out;
   r->out = &buf;
@@ -589,7 +605,7 @@ static int call_macro(jrender *r, int line, const jfunc *f, const jargs *a, jv *
                      a->kwn[k]);
   }
   r->depth++;
-  int rc = 0;
+  int rc = bind_undef(r, s, &m->undef, line);
   for (size_t i = 0; i < m->args.n && rc == 0; i++) {
     const jnode *p = m->args.v[i];
     jv v = jv_undef(jr_why(r, "parameter '%.*s' was not provided", (int)p->nlen, p->name));
@@ -611,7 +627,7 @@ static int call_macro(jrender *r, int line, const jfunc *f, const jargs *a, jv *
     if (rc == 0 && !set && m->kwvals.v[i]) rc = eval(r, s, m->kwvals.v[i], &v);
     if (rc == 0 && scope_set(r, s, p->name, p->nlen, v) < 0) rc = jr_oom(r, line);
   }
-  if (rc == 0) rc = capture(r, s, &m->body, line, out);
+  if (rc == 0) rc = capture(r, s, &m->body, NULL, line, out);
   r->depth--;
   return rc;
 }
@@ -872,13 +888,20 @@ static int exec_for(jrender *r, jscope *sc, const jnode *n) {
     if (rc) return jr_oom(r, n->line);
     jv lv = {.kind = JV_DICT, .flags = JV_F_LOOP};
     lv.u.d = loop;
+    TS_TRY(bind_undef(r, it, &n->undef, n->line));
     if (scope_set(r, it, "loop", 4, lv) < 0) return jr_oom(r, n->line);
     TS_TRY(assign(r, it, n->a, items->v[i], n->line));
     int st = exec_body(r, it, &n->body);
     if (st < 0) return st;
     if (st == JR_BREAK) break;
   }
-  if (len == 0) return exec_body(r, sc, &n->orelse);
+  if (len == 0 && n->orelse.n) {
+    jscope *es = scope_new(r, sc);
+    if (!es) return jr_oom(r, n->line);
+    TS_TRY(bind_undef(r, es, &n->undef2, n->line));
+    int st = exec_body(r, es, &n->orelse);
+    return st < 0 ? st : 0;
+  }
   return 0;
 }
 
@@ -913,7 +936,7 @@ static int exec_stmt(jrender *r, jscope *sc, const jnode *n) {
   }
   case JN_SET_BLOCK: {
     jv v;
-    TS_TRY(capture(r, sc, &n->body, n->line, &v));
+    TS_TRY(capture(r, sc, &n->body, &n->undef, n->line, &v));
     return assign(r, sc, n->a, v, n->line);
   }
   case JN_MACRO: {
@@ -931,7 +954,7 @@ static int exec_stmt(jrender *r, jscope *sc, const jnode *n) {
   case JN_CONTINUE: return JR_CONTINUE;
   case JN_FILTER_BLOCK: {
     jv text, v;
-    TS_TRY(capture(r, sc, &n->body, n->line, &text));
+    TS_TRY(capture(r, sc, &n->body, &n->undef, n->line, &text));
     TS_TRY(eval_filter_chain(r, sc, n->a, text, &v));
     return emit(r, n->line, &v);
   }
@@ -958,6 +981,7 @@ int jinja_parse(jinja_template **out, const char *src, size_t len, ts_err *err) 
   jtoks toks = {0};
   int rc = jinja_lex(&t->arena, src, len, &toks, err);
   if (rc == 0) rc = jinja_parse_tokens(&t->arena, &toks, &t->body, err);
+  if (rc == 0) rc = jinja_analyze_scopes(t, err);
   free(toks.v);
   if (rc < 0) {
     jinja_free(t);
@@ -993,6 +1017,7 @@ int jinja_render_limited(const jinja_template *t, const json_t *ctx, const jinja
     rc = ts_errorf(err, TS_ENOMEM, "out of memory");
   }
   if (rc == 0 && !(r.root = scope_new(&r, NULL))) rc = ts_errorf(err, TS_ENOMEM, "out of memory");
+  if (rc == 0) rc = bind_undef(&r, r.root, &t->undef, 1);
   if (rc == 0) rc = exec_body(&r, r.root, &t->body);
   jarena_free(&r.arena);
   if (rc < 0) {

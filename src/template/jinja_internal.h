@@ -149,14 +149,23 @@ struct jnode {
   size_t *kwlens;
   uint8_t *ops;     /* JN_COMPARE: one JOP_* per element of args */
   jnodes body, orelse;
+  /* Names a frame binds to Undefined on entry (jinja2's compile-time scoping, see jinja_scope.c):
+   * JN_FOR: undef for the body (each iteration), undef2 for the else block; JN_MACRO,
+   * JN_SET_BLOCK, JN_FILTER_BLOCK: undef for the body. */
+  jnodes undef, undef2;
 };
 
 struct jinja_template {
   jarena arena;
   jnodes body;
+  jnodes undef; /* template-level names bound to Undefined at the start */
 };
 
 int jinja_parse_tokens(jarena *a, const jtoks *toks, jnodes *out, ts_err *err);
+/* jinja2 decides at compile time which frame owns each assigned name; a name assigned directly
+ * in a frame (not under an if) and never read there before is Undefined in that frame until the
+ * assignment, even if the context has it. Fills the undef lists of t and its nodes. */
+int jinja_analyze_scopes(jinja_template *t, ts_err *err);
 
 /* ---- render state ---- */
 

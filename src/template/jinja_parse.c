@@ -662,6 +662,7 @@ static int parse_if(parser *P, jnode **out) {
   char b[48];
   cur_block_name(P, b, sizeof b);
   if (!strcmp(b, "elif")) {
+    n->op = 1; /* orelse holds the elif chain */
     adv(P);
     jnode *e;
     TS_TRY(parse_if(P, &e));

@@ -478,3 +478,63 @@ def test_random_expressions_match_jinja2(driver):
     cases = [("{{ " + e + " }}", EXPR_VARS) for e in exprs]
     labels = [f"expression {e} (seed {seed})" for e in exprs]
     compare(driver, cases, labels)
+
+
+# ---- random templates: statements and whitespace control ----
+
+TEXTS = ["", " ", "a", "\n", "  \n", "\n  ", "x y", "\t", "\n\n", " z \n  ", "    "]
+
+
+def ws_tag(rng, body, kind="%"):
+    left = rng.choice(["", "", "-", "+"]) if kind != "{" else rng.choice(["", "", "-"])
+    right = rng.choice(["", "", "-", "+"]) if kind == "%" else rng.choice(["", "", "-"])
+    if kind == "{":
+        return "{{" + left + " " + body + " " + right + "}}"
+    if kind == "#":
+        return "{#" + left + " " + body + " " + right + "#}"
+    return "{%" + left + " " + body + " " + right + "%}"
+
+
+def rand_block(rng, depth, loop_vars):
+    parts = []
+    for _ in range(rng.randint(1, 4)):
+        parts.append(rng.choice(TEXTS))
+        k = rng.random()
+        names = loop_vars + ["x", "s", "l", "v"]
+        if k < 0.3 or depth >= 3:
+            parts.append(ws_tag(rng, rng.choice(names + ["loop.index" if loop_vars else "x", "v ~ '!'", "l | length"]), "{"))
+        elif k < 0.45:
+            parts.append(ws_tag(rng, f"set v = {rng.choice(names)} ~ '{rng.choice('abc')}'"))
+        elif k < 0.55:
+            parts.append(ws_tag(rng, "c", "#"))
+        elif k < 0.78:
+            parts.append(ws_tag(rng, f"if {rng.choice(['x', 'not x', 'v', 'l | length > 1', 'loop.first' if loop_vars else 'true'])}"))
+            parts.append(rand_block(rng, depth + 1, loop_vars))
+            if rng.random() < 0.4:
+                parts.append(ws_tag(rng, "elif s"))
+                parts.append(rand_block(rng, depth + 1, loop_vars))
+            if rng.random() < 0.5:
+                parts.append(ws_tag(rng, "else"))
+                parts.append(rand_block(rng, depth + 1, loop_vars))
+            parts.append(ws_tag(rng, "endif"))
+        else:
+            var = f"i{depth}"
+            parts.append(ws_tag(rng, f"for {var} in {rng.choice(['l', 'l[::-1]', 'range(3)', 's', '[]'])}"
+                                     f"{rng.choice(['', ' if ' + var + ' != 2'])}"))
+            parts.append(rand_block(rng, depth + 1, loop_vars + [var]))
+            if rng.random() < 0.3:
+                parts.append(ws_tag(rng, "else"))
+                parts.append(rand_block(rng, depth + 1, loop_vars))
+            parts.append(ws_tag(rng, "endfor"))
+        parts.append(rng.choice(TEXTS))
+    return "".join(parts)
+
+
+def test_random_templates_match_jinja2(driver):
+    seed = int(os.environ.get("TESSERA_TEST_SEED", random.randrange(1 << 30)))
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    templates = sorted({rand_block(rng, 0, []) + rng.choice(["", "\n", "\n\n"]) for _ in range(400)})
+    assert len(templates) > 300
+    ctx = {"x": 1, "s": "ab", "l": [1, 2, 3], "v": "init"}
+    compare(driver, [(t, ctx) for t in templates], [f"template {t!r} (seed {seed})" for t in templates])
