@@ -20,6 +20,19 @@
 #define BLOCK 16
 #define REL_TOL 1e-4
 
+/* Sanitizer builds (-O0, instrumented) check memory, not numerics: there the test covers two
+ * presets, one form each, and the first greedy steps, so it stays quick. */
+#if defined(__SANITIZE_ADDRESS__)
+#define GOLDEN_LIGHT 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define GOLDEN_LIGHT 1
+#endif
+#endif
+#ifndef GOLDEN_LIGHT
+#define GOLDEN_LIGHT 0
+#endif
+
 static int run_gen(const char *dir, const char *preset) {
   char cmd[8192];
   snprintf(cmd, sizeof cmd,
@@ -155,7 +168,9 @@ static void check_model(const char *path, const char *what, json_t *golden, back
     }
     json_t *g = json_array_get(greedy, pi);
     json_t *gids = json_object_get(g, "ids"), *margins = json_object_get(g, "margins");
-    for (size_t s = 0; s < json_array_size(gids); s++) {
+    size_t steps = json_array_size(gids);
+    if (GOLDEN_LIGHT && steps > 4) steps = 4;
+    for (size_t s = 0; s < steps; s++) {
       int want = (int)json_integer_value(json_array_get(gids, s));
       int am = argmax(last, r.V);
       double margin = json_real_value(json_array_get(margins, s));
@@ -168,7 +183,7 @@ static void check_model(const char *path, const char *what, json_t *golden, back
       }
       ids[n + s] = want;
       int one = n + (int)s, got;
-      if (s + 1 < json_array_size(gids) && run_span(&r, ids, one, one + 1, &one, 1, last, &got))
+      if (s + 1 < steps && run_span(&r, ids, one, one + 1, &one, 1, last, &got))
         break;
     }
     free(last);
@@ -189,6 +204,7 @@ int main(void) {
   ts_err err = {0};
   CHECK(backend_create(&be, "cpu", 0, &err) == 0);
   for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++) {
+    if (GOLDEN_LIGHT && i % 2) continue;
     char gpath[2048], hf[2048], gg[2048], what[256];
     snprintf(gpath, sizeof gpath, "%s/tests/golden/%s.json", TESSERA_SOURCE_DIR, presets[i]);
     json_error_t jerr;
@@ -200,10 +216,14 @@ int main(void) {
     }
     snprintf(hf, sizeof hf, "%s/%s", dir, presets[i]);
     snprintf(gg, sizeof gg, "%s/%s.gguf", dir, presets[i]);
-    snprintf(what, sizeof what, "%s (hf)", presets[i]);
-    check_model(hf, what, golden, be);
-    snprintf(what, sizeof what, "%s (gguf)", presets[i]);
-    check_model(gg, what, golden, be);
+    if (!GOLDEN_LIGHT || i == 0) {
+      snprintf(what, sizeof what, "%s (hf)", presets[i]);
+      check_model(hf, what, golden, be);
+    }
+    if (!GOLDEN_LIGHT || i != 0) {
+      snprintf(what, sizeof what, "%s (gguf)", presets[i]);
+      check_model(gg, what, golden, be);
+    }
     json_decref(golden);
   }
   backend_destroy(be);
