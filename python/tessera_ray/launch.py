@@ -319,10 +319,12 @@ class Launcher:
         if driver_host == ray_ip and mine == ray_ip:
             return
         other = driver_host if driver_host != ray_ip else mine
-        line = ("tessera: this node's address is %s (%s; driver listens on %s) but Ray knows "
-                "this node as %s: start Ray here with `ray start --node-ip-address=%s ...` or "
-                "set TESSERA_HOST_IP=%s for tessera." %
-                (mine, how, driver_host, ray_ip, other, ray_ip))
+        fix = "set TESSERA_HOST_IP=%s for tessera" % ray_ip
+        if not is_loopback(other):
+            fix += ", or start Ray here with `ray start --node-ip-address=%s ...`" % other
+        line = ("tessera: address mismatch: tessera's address for this node is %s (from %s; "
+                "the driver listens on %s) but Ray knows this node as %s: %s." %
+                (mine, how, driver_host, ray_ip, fix))
         if remote and is_loopback(driver_host):
             raise LaunchError(line + "\nWorkers on other nodes (%s) cannot reach %s." %
                               (", ".join(sorted(set(remote))), driver_host))
@@ -453,6 +455,9 @@ def describe_status(code):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Every worker's log lines, uncoloured: Ray folds look-alike lines of several actors into one.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     # The protocol owns the real stdout; anything else that writes there (Ray's own prints,
     # forwarded actor output) goes to stderr instead.
     proto = os.fdopen(os.dup(1), "w")

@@ -1,0 +1,305 @@
+"""The Ray launcher (python/tessera_ray) on a real two-node Ray cluster: each node in its own
+network namespace with its own address (tests/py/netns.py). Placement, unit assignment, the
+visibility variable and the secret as workers see them, worker/actor/launcher deaths, and every
+failure message: missing key, too few units, busy units, address mismatch, Ray absent, no
+cluster. The workers here are small Python programs that record what they were given."""
+import json
+import os
+import pathlib
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import netns  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PYDIR = ROOT / "python"
+PACK_UNITS = 3  # units of the pack-test key on node 1
+
+WORKER = r"""
+import json, os, sys, time
+out, mode, var, secret_env = sys.argv[1:5]
+flags = sys.argv[5:]
+d = dict(zip(flags[::2], flags[1::2]))
+rec = {"flags": flags, "pid": os.getpid(), "ppid": os.getppid(), "dev": os.environ.get(var),
+       "secret": os.environ.get(secret_env),
+       "cmdline": open("/proc/self/cmdline", "rb").read().decode("utf-8", "replace")}
+tmp = os.path.join(out, "rank%s.tmp" % d["--rank"])
+with open(tmp, "w") as f:
+    json.dump(rec, f)
+os.rename(tmp, os.path.join(out, "rank%s.json" % d["--rank"]))
+if mode.startswith("exit"):
+    sys.exit(int(mode.split(":")[1]))
+while True:
+    time.sleep(60)
+"""
+
+
+def gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie still answers kill(0); it has exited all the same.
+    try:
+        return open("/proc/%d/stat" % pid).read().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def wait_until(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = netns.available()
+    if why:
+        pytest.skip(why)
+    c = netns.RayCluster([{"tessera_cpu": 1}, {"tessera_cpu": 1, "ts_pack": PACK_UNITS}],
+                         str(tmp_path_factory.mktemp("raytmp")))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+class Launch:
+    """One launcher run inside the head's namespace; stdout parsed, stderr collected."""
+
+    def __init__(self, cluster, tmp, n, worker_mode="sleep", strategy="PACK", key="tessera_cpu",
+                 timeout=30, address=None, python=None, extra_env=None, driver=None):
+        self.out = tmp / ("w%s" % secrets.token_hex(4))
+        self.out.mkdir()
+        self.var = "TS_DEV_%s" % secrets.token_hex(3).upper()
+        self.secret_env = "TS_SECRET_%s" % secrets.token_hex(3).upper()
+        self.secret = secrets.token_hex(16)
+        env = cluster.env()
+        env["PYTHONPATH"] = str(PYDIR)
+        env[self.secret_env] = self.secret
+        env.pop("TESSERA_HOST_IP", None)
+        env.update(extra_env or {})
+        py = python or [sys.executable]
+        argv = py + ["-m", "tessera_ray.launch", "--address", address or cluster.address,
+                     "--num-workers", str(n), "--device-key", key, "--device-env", self.var,
+                     "--strategy", strategy, "--placement-timeout", str(timeout),
+                     "--driver", driver or "%s:%d" % (cluster.ips[0], 40000),
+                     "--secret-env", self.secret_env, "--",
+                     sys.executable, "-c", WORKER, str(self.out), worker_mode, self.var,
+                     self.secret_env]
+        self.errf = open(tmp / ("err-%s" % secrets.token_hex(4)), "w+")
+        self.p = subprocess.Popen(cluster.exec_argv(0, argv), env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self.errf, text=True)
+        self.lines = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if line.strip() == "READY":
+                self.ready.set()
+        self.ready.set()
+
+    def wait_ready(self, timeout=90):
+        assert self.ready.wait(timeout), "no READY: " + self.stderr()
+        assert self.lines and self.lines[-1] == "READY", (self.lines, self.stderr())
+        placed = {}
+        for line in self.lines[:-1]:
+            m = re.fullmatch(r"PLACED (\d+) (\S+) (\S+)", line)
+            assert m, "unexpected stdout line %r" % line
+            placed[int(m.group(1))] = (m.group(2), m.group(3))
+        return placed
+
+    def records(self, n, timeout=30):
+        wait_until(lambda: len(list(self.out.glob("rank*.json"))) == n, timeout,
+                   "worker records")
+        return {r: json.loads((self.out / ("rank%d.json" % r)).read_text()) for r in range(n)}
+
+    def stderr(self):
+        self.errf.flush()
+        self.errf.seek(0)
+        return self.errf.read()
+
+    def close_stdin(self):
+        self.p.stdin.close()
+
+    def finish(self, timeout=30):
+        """Exit code; the launcher must end on its own within the timeout."""
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+            raise AssertionError("launcher did not exit: " + self.stderr())
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def run_failing(cluster, tmp, within=30, **kw):
+    """The launcher must fail on its own within `within` seconds, with nothing on stdout."""
+    la = Launch(cluster, tmp, **kw)
+    code = la.finish(within)  # stdin stays open, as under a live driver
+    assert code != 0, la.stderr()
+    assert la.lines == [], la.lines
+    return la.stderr()
+
+
+def ns_of(cluster, pid):
+    r = netns.sh("ip", "netns", "identify", str(pid), check=False)
+    return r.stdout.strip()
+
+
+def test_spread_places_workers_on_both_nodes(cluster, tmp_path):
+    la = Launch(cluster, tmp_path, 2, strategy="SPREAD")
+    try:
+        placed = la.wait_ready()
+        assert sorted(placed) == [0, 1]
+        assert sorted(ip for ip, _ in placed.values()) == sorted(cluster.ips)
+        recs = la.records(2)
+        for r, rec in recs.items():
+            ip, unit = placed[r]
+            assert rec["flags"] == ["--rank", str(r), "--unit", unit, "--node-ip", ip]
+            assert unit == "0"  # one unit per node
+            assert rec["dev"] == unit
+            assert rec["secret"] == la.secret
+            assert la.secret not in rec["cmdline"]
+            # The worker really runs on the node it was reported on.
+            assert ns_of(cluster, rec["pid"]) == cluster.ns[cluster.ips.index(ip)]
+        assert la.secret not in open("/proc/%d/cmdline" % la.p.pid, "rb").read().decode()
+        la.close_stdin()
+        assert la.finish() == 0, la.stderr()
+        for rec in recs.values():
+            wait_until(lambda: gone(rec["pid"]), 20, "worker %d to stop" % rec["pid"])
+    finally:
+        la.kill()
+
+
+def test_pack_numbers_units_on_one_node(cluster, tmp_path):
+    n = PACK_UNITS
+    la = Launch(cluster, tmp_path, n, key="ts_pack")
+    try:
+        placed = la.wait_ready()
+        assert {ip for ip, _ in placed.values()} == {cluster.ips[1]}
+        assert sorted(u for _, u in placed.values()) == [str(i) for i in range(n)]
+        recs = la.records(n)
+        assert all(recs[r]["dev"] == placed[r][1] for r in range(n))
+    finally:
+        la.close_stdin()
+        la.finish()
+        la.kill()
+
+
+def test_worker_exit_is_reported(cluster, tmp_path):
+    code = 3 + secrets.randbelow(100)
+    la = Launch(cluster, tmp_path, 2, worker_mode="exit:%d" % code, strategy="SPREAD")
+    try:
+        placed = la.wait_ready()
+        rc = la.finish()
+        err = la.stderr()
+        for r, (ip, unit) in placed.items():
+            assert ("worker rank %d on %s (unit %s) exited with status %d" %
+                    (r, ip, unit, code)) in err
+        assert rc != 0
+    finally:
+        la.kill()
+
+
+def test_actor_death_kills_worker_and_launcher_death_kills_all(cluster, tmp_path):
+    la = Launch(cluster, tmp_path, 2, strategy="SPREAD")
+    try:
+        placed = la.wait_ready()
+        recs = la.records(2)
+        victim = secrets.randbelow(2)
+        os.kill(recs[victim]["ppid"], signal.SIGKILL)  # the actor process
+        wait_until(lambda: gone(recs[victim]["pid"]), 20, "the orphaned worker to die")
+        wait_until(lambda: "actor of worker rank %d" % victim in la.stderr(), 20,
+                   "the launcher to report the dead actor")
+        assert placed[victim][0] in la.stderr()
+        other = recs[1 - victim]["pid"]
+        assert not gone(other)
+        la.p.kill()  # the launcher dies without a word: Ray reaps its actors, they their workers
+        la.p.wait()
+        wait_until(lambda: gone(other), 40, "the last worker to die with the launcher")
+    finally:
+        la.kill()
+
+
+def test_missing_key(cluster, tmp_path):
+    key = "ts_missing_%s" % secrets.token_hex(3)
+    err = run_failing(cluster, tmp_path, n=1 + secrets.randbelow(3), key=key)
+    assert 'no node of the Ray cluster at %s advertises the resource "%s"' % (
+        cluster.address, key) in err
+    for ip in cluster.ips:
+        assert re.search(r"^  %s\s" % re.escape(ip), err, re.M), err
+    assert "ray start --address=%s --resources='{\"%s\": 1}'" % (cluster.address, key) in err
+
+
+def test_too_few_units(cluster, tmp_path):
+    n = 3 + secrets.randbelow(3)
+    err = run_failing(cluster, tmp_path, n=n)
+    assert 'cannot place %d workers (one unit of "tessera_cpu" each)' % n in err
+    assert 'has 2 units of "tessera_cpu"' in err
+    assert "--resources='{\"tessera_cpu\": 1}'" in err
+    for ip in cluster.ips:
+        assert ip in err
+
+
+def test_busy_units_wait_then_fail(cluster, tmp_path):
+    holder = Launch(cluster, tmp_path, 2, strategy="SPREAD")
+    try:
+        holder.wait_ready()
+        timeout = 6 + secrets.randbelow(3)
+        err = run_failing(cluster, tmp_path, n=1, timeout=timeout, within=timeout + 30)
+        assert re.search(r'waiting for 1 unit of "tessera_cpu" \(2 in the cluster, 0 free', err)
+        assert "cannot place 1 worker within %gs" % timeout in err
+        assert "only 0 free" in err and "raise --ray-placement-timeout" in err
+    finally:
+        holder.close_stdin()
+        holder.finish()
+        holder.kill()
+
+
+def test_address_mismatch(cluster, tmp_path):
+    err = run_failing(cluster, tmp_path, n=2, strategy="SPREAD",
+                      extra_env={"TESSERA_HOST_IP": "127.0.0.1"}, driver="127.0.0.1:40000")
+    assert ("tessera's address for this node is 127.0.0.1 (from TESSERA_HOST_IP" in err), err
+    assert "Ray knows this node as %s" % cluster.ips[0] in err
+    assert "TESSERA_HOST_IP=%s" % cluster.ips[0] in err
+    assert "cannot reach 127.0.0.1" in err
+
+
+def test_ray_not_installed(cluster, tmp_path):
+    # -S: no site-packages, so no Ray, but PYTHONPATH still finds tessera_ray.
+    err = run_failing(cluster, tmp_path, n=1, python=[sys.executable, "-S"], within=10)
+    assert err.strip().splitlines()[-1].endswith("Ray is not installed for %s: pip install ray"
+                                                 % sys.executable)
+
+
+def test_no_cluster_at_address(cluster, tmp_path):
+    port = 20000 + secrets.randbelow(10000)
+    addr = "%s:%d" % (cluster.ips[1], port)
+    err = run_failing(cluster, tmp_path, n=1, address=addr, within=15)
+    assert "no Ray cluster at %s" % addr in err
+    assert "ray start --head --port=%d" % port in err
+
+
+def test_no_cluster_auto(cluster, tmp_path):
+    err = run_failing(cluster, tmp_path, n=1, address="auto",
+                      extra_env={"RAY_ADDRESS": "", "RAY_TMPDIR": str(tmp_path)})
+    assert "no Ray cluster found on this machine" in err
