@@ -262,6 +262,7 @@ static void seq_advance(engine *e, engine_seq *s, float *logits) {
     /* A stop token's own text is left out unless asked for, as vLLM does. */
     if (!stop_tok || p->include_stop_str_in_output) {
       if (tok_stream_push(s->ts, t, &txt, &len) < 0) len = 0;
+      seq_skip_prompt_tail(s, &txt, &len);
       stopped = seq_text_push(s, txt, len, 0);
     }
     if (stopped) {
@@ -270,6 +271,7 @@ static void seq_advance(engine *e, engine_seq *s, float *logits) {
       txt = NULL;
       len = 0;
       if (tok_stream_flush(s->ts, &txt, &len) < 0) len = 0;
+      seq_skip_prompt_tail(s, &txt, &len);
       seq_text_push(s, txt, len, 1);
     }
   }

@@ -39,6 +39,7 @@ void req_free(engine_req *r) {
     for (int i = 0; i < r->p.n_stop; i++) free(r->stop[i]);
   free(r->stop);
   free(r->stop_len);
+  free(r->prompt_tail);
   free(r->stop_ids);
   free(r->bias_ids);
   free(r->bias);
@@ -51,6 +52,22 @@ static uint64_t req_mix(uint64_t x) {
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
   return x ^ (x >> 31);
+}
+
+/* How many prompt tokens to feed the detokenizer before the output: the shortest suffix of at least
+ * 4 tokens (up to 23) that decodes without a replacement character, so that it starts on a
+ * character boundary; the whole prompt when it is short or none qualifies. */
+static size_t stream_prime_len(const tokenizer *tok, const int32_t *prompt, size_t n, int skip) {
+  if (n <= 4) return n;
+  for (size_t i = 4; i <= n && i < 24; i++) {
+    char *text = NULL;
+    size_t len = 0;
+    if (tok_decode(tok, prompt + n - i, i, skip, &text, &len, NULL) < 0) continue;
+    int bad = memmem(text, len, "\xef\xbf\xbd", 3) != NULL;
+    free(text);
+    if (!bad) return i;
+  }
+  return n;
 }
 
 int req_create(engine_req **out, uint64_t id, const int32_t *prompt, size_t n_prompt,
@@ -125,6 +142,7 @@ int req_create(engine_req **out, uint64_t id, const int32_t *prompt, size_t n_pr
   r->p.sampling.logit_bias = r->bias;
 
   if (cap_tokens < (int)n_prompt + 1) cap_tokens = (int)n_prompt + 1;
+  size_t prime = tok ? stream_prime_len(tok, prompt, n_prompt, p->skip_special_tokens) : 0;
   for (int i = 0; i < r->n; i++) {
     engine_seq *s = &r->seqs[i];
     s->req = r;
@@ -154,6 +172,24 @@ int req_create(engine_req **out, uint64_t id, const int32_t *prompt, size_t n_pr
         req_free(r);
         return ts_errorf(err, rc, "request: cannot create the incremental detokenizer");
       }
+      /* The stream starts after the prompt, as vLLM's does: a generated "\u2581the" keeps its
+       * space, which a stream started cold would strip as the start of the text. */
+      const char *txt;
+      size_t len, emitted = 0;
+      for (size_t k = n_prompt - prime; k < n_prompt; k++)
+        if (tok_stream_push(s->ts, prompt[k], &txt, &len) == 0) emitted += len;
+      if (i == 0 && prime > 0) {
+        char *whole = NULL;
+        size_t whole_len = 0;
+        if (tok_decode(tok, prompt + n_prompt - prime, prime, p->skip_special_tokens, &whole,
+                       &whole_len, NULL) == 0 && whole_len > emitted) {
+          r->prompt_tail_len = whole_len - emitted;
+          r->prompt_tail = malloc(r->prompt_tail_len);
+          if (r->prompt_tail) memcpy(r->prompt_tail, whole + emitted, r->prompt_tail_len);
+          else r->prompt_tail_len = 0;
+        }
+        free(whole);
+      }
     }
   }
   *out = r;
@@ -171,6 +207,21 @@ static size_t stop_holdback(const engine_req *r, const char *buf, size_t len) {
     for (int i = 0; i < r->p.n_stop; i++)
       if (r->stop_len[i] > k && !memcmp(buf + len - k, r->stop[i], k)) return k;
   return 0;
+}
+
+void seq_skip_prompt_tail(engine_seq *s, const char **text, size_t *len) {
+  const engine_req *r = s->req;
+  if (s->tail_pos >= r->prompt_tail_len || !*len) return;
+  size_t want = r->prompt_tail_len - s->tail_pos, m = *len < want ? *len : want;
+  if (memcmp(*text, r->prompt_tail + s->tail_pos, m)) {
+    /* The output merged with the held prompt bytes (one character across the boundary): keep
+     * the text as the stream gives it. */
+    s->tail_pos = r->prompt_tail_len;
+    return;
+  }
+  s->tail_pos += m;
+  *text += m;
+  *len -= m;
 }
 
 int seq_text_push(engine_seq *s, const char *text, size_t len, int finishing) {

@@ -36,6 +36,7 @@ typedef struct engine_seq {
   /* Text to emit with this step's event (valid until the next step). */
   char *out;
   size_t out_len, out_cap;
+  size_t tail_pos;      /* bytes of req->prompt_tail already matched and dropped */
   sample_result last_sample;
   int32_t last_token;
   /* Scheduling scratch for the current step. */
@@ -56,6 +57,10 @@ typedef struct engine_req {
   int cached_tokens;       /* prompt tokens served from the prefix cache at first admission */
   int admitted;            /* some choice has been admitted once */
   int counted;             /* prompt tokens added to the engine's totals */
+  /* Prompt text the detokenizer still holds after being primed with the prompt (an unfinished
+   * byte group, say): it comes out with the first generated token and is dropped there. */
+  char *prompt_tail;
+  size_t prompt_tail_len;
   char **stop;             /* [n_stop] */
   size_t *stop_len;        /* [n_stop] */
   size_t max_stop_len;
@@ -74,6 +79,9 @@ int req_create(engine_req **out, uint64_t id, const int32_t *prompt, size_t n_pr
                ts_err *err);
 /* Frees the request's memory (its sequences must hold no blocks). */
 void req_free(engine_req *r);
+
+/* Drops from a detokenized chunk the prompt text the stream still held (see prompt_tail). */
+void seq_skip_prompt_tail(engine_seq *s, const char **text, size_t *len);
 
 /* Feeds a generated token's text through the stop strings. finishing: this is the choice's last
  * text (flush everything that is not cut by a stop string). Appends what to emit now to seq->out
