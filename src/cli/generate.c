@@ -83,6 +83,8 @@ typedef struct {
   long threads;
   const char *device;
   const char *revision;
+  const char *dump_logits; /* hidden: raw logits of every step, for differential tests */
+  int ignore_eos;          /* hidden: keep generating past end-of-sequence tokens */
 } gen_args;
 
 /* Returns 0 to run, 1 after --help, -1 on a usage error (already reported). */
@@ -106,6 +108,10 @@ static int parse_args(int argc, char **argv, gen_args *a) {
       a->model = f;
       continue;
     }
+    if (!strcmp(f, "--ignore-eos")) {
+      a->ignore_eos = 1;
+      continue;
+    }
     if (i + 1 >= argc) {
       fprintf(stderr, "tessera generate: %s needs a value (see --help)\n", f);
       return -1;
@@ -123,6 +129,7 @@ static int parse_args(int argc, char **argv, gen_args *a) {
     else if (!strcmp(f, "--threads")) rc = parse_int(f, v, 0, 4096, &a->threads);
     else if (!strcmp(f, "--device")) a->device = v;
     else if (!strcmp(f, "--revision")) a->revision = v;
+    else if (!strcmp(f, "--dump-logits")) a->dump_logits = v;
     else if (!strcmp(f, "--seed")) {
       char *end;
       errno = 0;
@@ -166,9 +173,12 @@ typedef struct {
   int32_t *pos;        /* [GEN_PREFILL] */
   int32_t *table;      /* [n_blocks] identity block table */
   float *logits;       /* [vocab] */
+  FILE *dump;          /* --dump-logits: int32 n_prompt, int32 vocab, prompt ids, then one
+                        * float32 [vocab] row per step */
 } gen_state;
 
 static void gen_free(gen_state *g) {
+  if (g->dump) fclose(g->dump);
   tok_stream_free(g->stream);
   sampler_free(g->smp);
   if (g->have_kv) kv_cache_free(&g->kv, g->be);
@@ -284,6 +294,16 @@ static int run(const gen_args *a, ts_err *err) {
 
   const int32_t *eos;
   int n_eos = tok_eos_ids(g.tok, &eos);
+  if (a->ignore_eos) n_eos = 0;
+  if (a->dump_logits) {
+    int32_t hdr[2] = {(int32_t)n_prompt, c->vocab_size};
+    g.dump = fopen(a->dump_logits, "wb");
+    if (!g.dump || fwrite(hdr, sizeof hdr, 1, g.dump) != 1 ||
+        fwrite(g.ids, sizeof *g.ids, n_prompt, g.dump) != n_prompt) {
+      rc = ts_errorf(err, TS_EIO, "cannot write --dump-logits file %s", a->dump_logits);
+      goto done;
+    }
+  }
   double t0 = now_s();
   for (int s = 0; s < (int)n_prompt; s += GEN_PREFILL) {
     int n = (int)n_prompt - s < GEN_PREFILL ? (int)n_prompt - s : GEN_PREFILL;
@@ -298,11 +318,16 @@ static int run(const gen_args *a, ts_err *err) {
       why = "context length";
       break;
     }
+    if (g.dump && fwrite(g.logits, sizeof *g.logits, (size_t)c->vocab_size, g.dump) !=
+                      (size_t)c->vocab_size) {
+      rc = ts_errorf(err, TS_EIO, "cannot write --dump-logits file %s", a->dump_logits);
+      goto done;
+    }
     sample_result r;
     sampler_sample(g.smp, g.logits, &r);
     int stop = 0;
     for (int i = 0; i < n_eos; i++) stop |= r.token == eos[i];
-    for (int i = 0; i < c->n_eos; i++) stop |= r.token == c->eos_ids[i];
+    for (int i = 0; i < c->n_eos && !a->ignore_eos; i++) stop |= r.token == c->eos_ids[i];
     if (stop) {
       why = "end of sequence";
       break;

@@ -1,5 +1,6 @@
 /* Gated activations: out = silu(gate) * up, elementwise over [n][d]. */
 #include "act.cuh"
+#include "graph.cuh"
 
 __global__ void silu_mul_kernel(const float *gate, const float *up, int64_t count, float *out) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count;
@@ -11,6 +12,7 @@ __global__ void silu_mul_kernel(const float *gate, const float *up, int64_t coun
 
 void cuda_op_silu_mul(void *ctx, const float *gate, const float *up, int n, int d, float *out) {
   cuda_ctx *c = (cuda_ctx *)ctx;
+  if (cuda_graph_op(c, CUDA_OP_SILU_MUL, gate, up, out, n, d)) return;
   int64_t count = (int64_t)n * d;
   if (count <= 0) return;
   unsigned blocks = cuda_blocks(count, 256);

@@ -13,6 +13,7 @@
 #include <math.h>
 
 #include "attention.cuh"
+#include "graph.cuh"
 
 #define ATT_THREADS 128
 #define ATT_WARPS (ATT_THREADS / 32)
@@ -214,6 +215,7 @@ static void attention_dispatch_ni(cuda_ctx *c, dim3 grid, const att_args &a) {
 void cuda_op_attention(void *ctx, const kv_cache *kv, int layer, const float *q, int n_head_l,
                        float scale, float *out) {
   cuda_ctx *c = (cuda_ctx *)ctx;
+  if (cuda_graph_op(c, CUDA_OP_ATTENTION, q, out, kv->k[layer], n_head_l, layer)) return;
   if (c->n_tokens <= 0) return;
   const int n_kv = kv->n_kv_l, hd = kv->head_dim;
   if (n_kv <= 0 || n_head_l % n_kv != 0 || hd > 256 || hd <= 0) {
@@ -258,9 +260,11 @@ void cuda_op_attention(void *ctx, const kv_cache *kv, int layer, const float *q,
   /* Split the key range only when the grid would leave most multiprocessors idle. */
   int64_t blocks = (int64_t)c->n_tiles[tqi] * n_kv * head_tiles;
   int n_splits = 1, chunk = c->max_ctx > 0 ? c->max_ctx : 1;
-  if (c->max_ctx >= 512 && blocks < 2 * (int64_t)c->sm_count) {
+  if (c->max_ctx >= 128 && blocks < 2 * (int64_t)c->sm_count) {
     int64_t want = (2 * (int64_t)c->sm_count + blocks - 1) / blocks;
-    int64_t most = (c->max_ctx + 255) / 256; /* at least 256 keys per split */
+    /* At least 64 keys per split: a decode step of one sequence has only n_kv blocks, each of
+     * which streams its keys at a small fraction of the bandwidth, so splitting pays early. */
+    int64_t most = (c->max_ctx + 63) / 64;
     n_splits = (int)(want < most ? want : most);
     chunk = (c->max_ctx + n_splits - 1) / n_splits;
     chunk = (chunk + ATT_BK - 1) / ATT_BK * ATT_BK;

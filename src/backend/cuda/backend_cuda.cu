@@ -5,18 +5,26 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "act.cuh"
 #include "attention.cuh"
 #include "backend_cuda.h"
 #include "cuda_common.cuh"
 #include "embed.cuh"
+#include "graph.cuh"
 #include "kv_write.cuh"
 #include "matmul.cuh"
 #include "norm.cuh"
 #include "rope.cuh"
 
 #define CUDA_CUBLAS_WS_BYTES ((size_t)32 << 20)
+
+static double host_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
 
 void cuda_fail(cuda_ctx *c, int code, const char *fmt, ...) {
   if (c->err_code) return; /* keep the first: later failures are usually its consequences */
@@ -44,6 +52,13 @@ int cublas_check_at(cuda_ctx *c, cublasStatus_t s, const char *what, const char 
 
 int cuda_scratch_reserve(cuda_ctx *c, void **buf, size_t *cap, size_t bytes) {
   if (*cap >= bytes && *buf) return 0;
+  if (c->gmode == CUDA_GRAPH_CAPTURE) {
+    /* Cannot happen for a shape that ran eagerly first; freeing now would break the capture. */
+    cuda_fail(c, TS_EINTERNAL, "CUDA graph capture needs a larger scratch buffer (%zu bytes; "
+              "run with TESSERA_CUDA_GRAPHS=0)", bytes);
+    return -1;
+  }
+  cuda_graph_clear(c); /* graphs hold the old buffer's address */
   size_t want = bytes + bytes / 4 + 256;
   if (*buf) {
     CUDA_CHECK(c, cudaFree(*buf));
@@ -81,19 +96,32 @@ static void cuda_free(void *ctx, void *ptr) {
 /* Pageable sources are copied out before cudaMemcpyAsync returns, so the caller may reuse src. */
 static void cuda_upload(void *ctx, void *dst, const void *src, size_t bytes) {
   cuda_ctx *c = (cuda_ctx *)ctx;
+  cuda_graph_flush(c);
   if (bytes) CUDA_CHECK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream));
 }
 
 /* The one host synchronisation of a step: the logits (or sampled ids) coming back. */
 static void cuda_download(void *ctx, void *dst, const void *src, size_t bytes) {
   cuda_ctx *c = (cuda_ctx *)ctx;
-  if (!bytes) return;
+  cuda_prof_mark(c, 0);
+  if (cuda_graph_flush(c) || !bytes) return;
+  if (c->step_timed) cudaEventRecord(c->ev_ready, c->stream);
   if (CUDA_CHECK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream))) return;
   CUDA_CHECK(c, cudaStreamSynchronize(c->stream));
+  if (c->step_timed) { /* the step's first download: its logits are ready */
+    float ms = 0;
+    cudaEventElapsedTime(&ms, c->ev_step, c->ev_ready);
+    c->gpu_ms += ms;
+    c->wall_ms += host_ms() - c->step_t0;
+    c->n_steps++;
+    c->step_timed = 0;
+  }
 }
 
 static int cuda_sync(void *ctx, ts_err *err) {
   cuda_ctx *c = (cuda_ctx *)ctx;
+  cuda_prof_mark(c, 0);
+  cuda_graph_flush(c);
   CUDA_CHECK(c, cudaStreamSynchronize(c->stream));
   return cuda_report(c, err);
 }
@@ -158,6 +186,7 @@ static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
 
 static int cuda_step_begin(void *ctx, const ts_batch *b, const kv_cache *kv, ts_err *err) {
   cuda_ctx *c = (cuda_ctx *)ctx;
+  cuda_graph_flush(c); /* the previous step's recorded or skipped work must run */
   TS_TRY(cuda_report(c, err));
   /* The step's ops run on this thread: make it use the backend's device. */
   if (CUDA_CHECK(c, cudaSetDevice(c->device))) return cuda_report(c, err);
@@ -195,6 +224,7 @@ static int cuda_step_begin(void *ctx, const ts_batch *b, const kv_cache *kv, ts_
   if (CUDA_CHECK(c, cudaEventSynchronize(c->plan_copied))) return cuda_report(c, err);
   if (total > c->plan_cap) {
     size_t want = total + total / 2 + 4096;
+    cuda_graph_clear(c); /* graphs hold the old plan's addresses */
     if (c->plan_host) cudaFreeHost(c->plan_host);
     if (c->plan_dev) cudaFree(c->plan_dev);
     c->plan_host = c->plan_dev = NULL;
@@ -254,6 +284,15 @@ static int cuda_step_begin(void *ctx, const ts_batch *b, const kv_cache *kv, ts_
       }
   }
 
+  /* A decode step (one token per sequence) can be replayed from a graph: round the context up
+   * to a power of two so the attention split, which depends on it, changes rarely. */
+  int graph_step = nt > 0 && nt == ns && kv && c->graphs_enabled;
+  if (graph_step) {
+    int bucket = 256;
+    while (bucket < max_ctx) bucket *= 2;
+    max_ctx = bucket;
+  }
+  if (c->gmode == CUDA_GRAPH_CAPTURE) cuda_graph_flush(c); /* never copy inside a capture */
   if (CUDA_CHECK(c, cudaMemcpyAsync(c->plan_dev, c->plan_host, total, cudaMemcpyHostToDevice,
                                     c->stream)) ||
       CUDA_CHECK(c, cudaEventRecord(c->plan_copied, c->stream)))
@@ -278,7 +317,12 @@ static int cuda_step_begin(void *ctx, const ts_batch *b, const kv_cache *kv, ts_
     c->d_tiles[q] = (int32_t *)(d + off_tiles[q]);
     c->n_tiles[q] = n_tiles[q];
   }
-  return 0;
+  cuda_graph_step(c, graph_step, kv);
+  if (c->stats && graph_step) {
+    c->step_t0 = host_ms();
+    c->step_timed = cudaEventRecord(c->ev_step, c->stream) == cudaSuccess;
+  }
+  return cuda_report(c, err);
 }
 
 /* ---- lifecycle ---- */
@@ -308,7 +352,27 @@ static const backend_ops g_cuda_ops = {
 
 static void cuda_ctx_free(cuda_ctx *c) {
   if (!c) return;
+  if (c->gmode == CUDA_GRAPH_CAPTURE) {
+    cudaGraph_t g = NULL;
+    if (cudaStreamEndCapture(c->stream, &g) == cudaSuccess && g) cudaGraphDestroy(g);
+  }
+  cuda_graph_clear(c);
   if (c->stream) cudaStreamSynchronize(c->stream);
+  if (c->stats && c->n_steps)
+    fprintf(stderr,
+            "cuda stats: %ld decode steps, %ld graphs captured, %ld replays; step start to "
+            "logits ready: %.4f ms GPU clock, %.4f ms host clock (mean)\n",
+            c->n_steps, c->n_captures, c->n_replays, c->gpu_ms / c->n_steps,
+            c->wall_ms / c->n_steps);
+  static const char *names[16] = {"", "embed", "rmsnorm", "add_rmsnorm", "matmul", "rope",
+                                  "kv_write", "attention", "silu_mul", "gather_rows",
+                                  "matmul lm_head"};
+  for (int i = 1; i < 16 && c->stats == 2; i++)
+    if (c->prof_n[i])
+      fprintf(stderr, "cuda prof: %-14s %8ld calls %10.3f ms total %8.4f ms each\n", names[i],
+              c->prof_n[i], c->prof_ms[i], c->prof_ms[i] / c->prof_n[i]);
+  if (c->ev_step) cudaEventDestroy(c->ev_step);
+  if (c->ev_ready) cudaEventDestroy(c->ev_ready);
   if (c->cublas) cublasDestroy(c->cublas);
   cudaFree(c->cublas_ws);
   cudaFree(c->conv);
@@ -368,6 +432,14 @@ extern "C" int backend_cuda_create(backend **out, int device_index, ts_err *err)
   }
   c->cublas_ws_bytes = CUDA_CUBLAS_WS_BYTES;
   c->sm_count = prop.multiProcessorCount;
+  const char *ge = getenv("TESSERA_CUDA_GRAPHS");
+  c->graphs_enabled = !(ge && !strcmp(ge, "0"));
+  const char *st = getenv("TESSERA_CUDA_STATS");
+  c->stats = st ? atoi(st) : 0;
+  if (c->stats == 2) c->graphs_enabled = 0; /* per-op timing needs eager launches */
+  if (c->stats && (cudaEventCreate(&c->ev_step) != cudaSuccess ||
+                   cudaEventCreate(&c->ev_ready) != cudaSuccess))
+    c->stats = 0;
   /* Record so that the first step_begin's wait on it returns at once. */
   cudaEventRecord(c->plan_copied, c->stream);
 

@@ -21,6 +21,25 @@ extern "C" {
 #define CUDA_ATTN_ROWS 16
 #define CUDA_ATTN_TQ_COUNT 5 /* tile sizes 1, 2, 4, 8, 16 tokens */
 
+/* What fixes every launch of a decode step (see graph.cu). */
+typedef struct {
+  int n_tokens, n_seqs, max_blocks, n_logits, max_ctx;
+  const void *plan;                  /* staged plan buffer */
+  void *const *kv_k;                 /* the KV cache's layer table and its first layer */
+  const void *kv_k0;
+  const void *first_w, *first_out;   /* the step's first op (the embedding) */
+} cuda_graph_key;
+
+typedef struct {
+  cuda_graph_key key;
+  cudaGraphExec_t exec; /* NULL until captured (the second time the key is seen) */
+  uint64_t hash;        /* of the captured op sequence */
+  int n_ops;
+} cuda_graph_entry;
+
+#define CUDA_MAX_GRAPHS 96
+enum { CUDA_GRAPH_OFF, CUDA_GRAPH_PENDING, CUDA_GRAPH_CAPTURE, CUDA_GRAPH_REPLAY };
+
 typedef struct cuda_ctx {
   int device;
   int sm_count;
@@ -58,6 +77,28 @@ typedef struct cuda_ctx {
   size_t attn_ws_cap;
   int32_t *rows_dev; /* gather_rows indices that arrived in host memory */
   size_t rows_cap;
+
+  /* Decode-step graphs (graph.cu); TESSERA_CUDA_GRAPHS=0 turns them off. */
+  int graphs_enabled;
+  int gmode;          /* CUDA_GRAPH_* of the current step */
+  cuda_graph_key gkey;
+  int gcur;           /* entry being captured or replayed */
+  uint64_t ghash;
+  int gops;
+  int n_graphs;
+  cuda_graph_entry graphs[CUDA_MAX_GRAPHS];
+
+  /* TESSERA_CUDA_STATS=1: per-step timings and graph use, printed when the backend is freed. */
+  int stats;
+  cudaEvent_t ev_step, ev_ready;
+  int step_timed;       /* ev_step was recorded for the current step */
+  double step_t0;       /* host clock at step_begin */
+  long n_steps, n_captures, n_replays;
+  double gpu_ms, wall_ms;
+  /* TESSERA_CUDA_STATS=2 (eager only): host time per op family, each op synchronised. */
+  int prof_tag;
+  double prof_t, prof_ms[16];
+  long prof_n[16];
 } cuda_ctx;
 
 /* Records the first failure (printf-style) in the context. */

@@ -1,6 +1,7 @@
 /* Embedding lookup at the staged token ids, and row gathers. One block per output row; ids
  * outside the table give a zero row (the engine validates ids; a kernel cannot report). */
 #include "embed.cuh"
+#include "graph.cuh"
 
 template <typename T>
 __global__ void embed_kernel(const T *table, int64_t stride, int vocab, const int32_t *ids, int d,
@@ -18,6 +19,7 @@ __global__ void embed_kernel(const T *table, int64_t stride, int vocab, const in
 
 void cuda_op_embed(void *ctx, const ts_tensor *table, int n, int d, float *out) {
   cuda_ctx *c = (cuda_ctx *)ctx;
+  if (cuda_graph_op(c, CUDA_OP_EMBED, table->data, out, NULL, n, d)) return;
   if (n <= 0) return;
   if (n > c->n_tokens) {
     cuda_fail(c, TS_EINVAL, "CUDA embed: %d rows but the step has %d tokens", n, c->n_tokens);
@@ -41,6 +43,8 @@ __global__ void gather_rows_kernel(const float *x, const int32_t *rows, int d, f
 void cuda_op_gather_rows(void *ctx, const float *x, const int32_t *rows, int n, int d,
                          float *out) {
   cuda_ctx *c = (cuda_ctx *)ctx;
+  /* rows is left out of the hash: a host array may move between steps of one shape. */
+  if (cuda_graph_op(c, CUDA_OP_GATHER_ROWS, x, out, NULL, n, d)) return;
   if (n <= 0) return;
   const int32_t *drows = rows;
   const int32_t *lr = c->host_logits_rows;

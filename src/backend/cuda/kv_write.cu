@@ -1,6 +1,7 @@
 /* Writes this step's K and V rows into the paged cache at the staged slots, narrowing to the
  * cache's dtype. One block per token. */
 #include "kv_write.cuh"
+#include "graph.cuh"
 
 template <typename KT>
 __global__ void kv_write_kernel(const float *k, const float *v, const int64_t *slot, int row,
@@ -18,6 +19,7 @@ __global__ void kv_write_kernel(const float *k, const float *v, const int64_t *s
 
 void cuda_op_kv_write(void *ctx, const kv_cache *kv, int layer, const float *k, const float *v) {
   cuda_ctx *c = (cuda_ctx *)ctx;
+  if (cuda_graph_op(c, CUDA_OP_KV_WRITE, k, v, kv->k[layer], layer, 0)) return;
   if (c->n_tokens <= 0) return;
   if (c->block_size != kv->block_size) {
     cuda_fail(c, TS_EINVAL, "CUDA kv_write: the step was staged for another KV cache");

@@ -4,6 +4,9 @@
  * (no TF32). BF16/F16 weights: the float32 activations are narrowed to the weight's type and
  * multiplied with float32 accumulation and a float32 result (cublasGemmEx). */
 #include "matmul.cuh"
+#include "graph.cuh"
+
+#include "gemv.cuh"
 
 template <typename T>
 __global__ void narrow_kernel(const float *x, int64_t count, T *out) {
@@ -27,9 +30,18 @@ static unsigned grid_for(cuda_ctx *c, int64_t count) {
 void cuda_op_matmul(void *ctx, const float *x, const ts_tensor *w, const ts_tensor *bias, int n,
                     float *y) {
   cuda_ctx *c = (cuda_ctx *)ctx;
+  if (cuda_graph_op(c, w->shape[0] > 65536 ? CUDA_OP_MATMUL_HEAD : CUDA_OP_MATMUL, x, w->data, y, n,
+                    bias && bias->data ? (int64_t)(intptr_t)bias->data : 0))
+    return;
   if (n <= 0) return;
   if (w->ndim != 2) {
     cuda_fail(c, TS_EINVAL, "CUDA matmul: weight must be 2-D, got %d dims", w->ndim);
+    return;
+  }
+  /* Decode-sized products: one pass over the 16-bit weight, no narrowing launch. A bias of
+   * another dtype takes the cuBLAS path, which adds it with its own kernel. */
+  if (cuda_gemv_fits(w, n) && ((uintptr_t)x & 15) == 0 && (!bias || !bias->data || bias->dtype == w->dtype)) {
+    cuda_gemv(c, x, w, bias, n, y);
     return;
   }
   int m = (int)w->shape[0], k = (int)w->shape[1];

@@ -1,6 +1,7 @@
 /* RMSNorm and the fused residual add + RMSNorm: one block per row, float32 sum of squares.
  * Each thread reads and writes the same indices in both passes, so out may alias x. */
 #include "norm.cuh"
+#include "graph.cuh"
 
 #define NORM_THREADS 256
 
@@ -46,10 +47,14 @@ static void norm_launch(cuda_ctx *c, float *residual, const float *x, const ts_t
 
 void cuda_op_rmsnorm(void *ctx, const float *x, const ts_tensor *w, float eps, int rows, int dim,
                      float *out) {
+  if (cuda_graph_op((cuda_ctx *)ctx, CUDA_OP_RMSNORM, x, w->data, out, rows, dim)) return;
   norm_launch((cuda_ctx *)ctx, NULL, x, w, eps, rows, dim, out);
 }
 
 void cuda_op_add_rmsnorm(void *ctx, float *residual, const float *x, const ts_tensor *w, float eps,
                          int rows, int dim, float *out) {
+  if (cuda_graph_op((cuda_ctx *)ctx, CUDA_OP_ADD_RMSNORM, residual, x, out, rows,
+                    (int64_t)dim << 20 ^ (int64_t)(intptr_t)w->data))
+    return;
   norm_launch((cuda_ctx *)ctx, residual, x, w, eps, rows, dim, out);
 }

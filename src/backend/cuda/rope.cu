@@ -3,6 +3,7 @@
  * computed in double and rounded once, and the angle in float32 as transformers does, so CPU and
  * GPU agree to the rounding of sin/cos. */
 #include "rope.cuh"
+#include "graph.cuh"
 
 struct rope_args {
   float theta;
@@ -49,6 +50,7 @@ __global__ void rope_kernel(float *x, const int32_t *pos, int heads, int hd, rop
 
 void cuda_op_rope(void *ctx, float *x, int heads, int hd, const rope_params *rp) {
   cuda_ctx *c = (cuda_ctx *)ctx;
+  if (cuda_graph_op(c, CUDA_OP_ROPE, x, NULL, NULL, heads, hd)) return;
   if (c->n_tokens <= 0 || heads <= 0 || hd < 2) return;
   rope_args a;
   a.theta = rp->theta;
