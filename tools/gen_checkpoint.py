@@ -272,7 +272,7 @@ def gguf_vocab(tok_dir, vocab_size):
     return tokens, types, merges
 
 
-def write_gguf(path, p, preset, tensors, dtype, tok_dir):
+def write_gguf(path, p, preset, tensors, dtype, tok_dir, gguf_type=None):
     import gguf  # only needed here
 
     arch = p["model_type"]
@@ -289,7 +289,7 @@ def write_gguf(path, p, preset, tensors, dtype, tok_dir):
     w.add_rope_dimension_count(p["head_dim"])
     w.add_layer_norm_rms_eps(p["eps"])
     w.add_rope_freq_base(p["theta"])
-    w.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[dtype])
+    w.add_file_type({"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}[gguf_type or dtype])
     tokens, types, merges = gguf_vocab(tok_dir, p["vocab"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("llama-bpe" if p["family"] == "llama3" else "qwen2")
@@ -305,6 +305,8 @@ def write_gguf(path, p, preset, tensors, dtype, tok_dir):
     if tc.get("chat_template"):
         w.add_chat_template(tc["chat_template"])
     raw = {"f32": None, "f16": None, "bf16": gguf.GGMLQuantizationType.BF16}[dtype]
+    quant = {None: None, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+             "q4_0": gguf.GGMLQuantizationType.Q4_0}[gguf_type]
     if p["scaling"] is not None:
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(p))
     for name, arr32 in tensors:
@@ -315,7 +317,10 @@ def write_gguf(path, p, preset, tensors, dtype, tok_dir):
             a = llama_permute(a, p["kv_heads"])
         enc, _ = encode(a, dtype) if a.ndim == 2 else (a.astype("<f4"), "F32")
         # llama.cpp keeps 1-D tensors (norms, biases) in F32 whatever the file type.
-        if a.ndim == 2 and raw is not None:
+        if a.ndim == 2 and quant is not None:  # gguf-py's quantizer, the bytes llama.cpp reads
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(a.astype(np.float32), quant),
+                         raw_dtype=quant)
+        elif a.ndim == 2 and raw is not None:
             w.add_tensor(gguf_name(name), enc, raw_dtype=raw)
         else:
             w.add_tensor(gguf_name(name), enc)
@@ -325,7 +330,8 @@ def write_gguf(path, p, preset, tensors, dtype, tok_dir):
     w.close()
 
 
-def generate(preset, out_dir, dtype="f32", shards=1, seed=0, gguf_path=None, tokenizers=None):
+def generate(preset, out_dir, dtype="f32", shards=1, seed=0, gguf_path=None, tokenizers=None,
+             gguf_type=None):
     p = PRESETS[preset]
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -366,7 +372,7 @@ def generate(preset, out_dir, dtype="f32", shards=1, seed=0, gguf_path=None, tok
     if gguf_path:
         if big:  # regenerate one at a time rather than holding a billion floats twice
             keep = ((n, make_tensor(seed, n, s, k)) for n, s, k in specs)
-        write_gguf(gguf_path, p, preset, keep, dtype, tok_dir)
+        write_gguf(gguf_path, p, preset, keep, dtype, tok_dir, gguf_type)
     return out
 
 
@@ -386,12 +392,15 @@ def main(argv=None):
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gguf", metavar="FILE", help="also write the weights as GGUF")
+    ap.add_argument("--gguf-type", choices=["q8_0", "q4_0"],
+                    help="quantize the GGUF's 2-D weights (default: --dtype)")
     ap.add_argument("--tokenizers", help="directory holding qwen3/ and llama3/ tokenizer dirs "
                     "(default: $TESSERA_SHARED/tokenizers or ../shared/tokenizers)")
     a = ap.parse_args(argv)
     if a.shards < 1:
         ap.error("--shards must be >= 1")
-    generate(a.preset, a.out_dir, a.dtype, a.shards, a.seed, a.gguf, a.tokenizers)
+    generate(a.preset, a.out_dir, a.dtype, a.shards, a.seed, a.gguf, a.tokenizers,
+             a.gguf_type)
     return 0
 
 
