@@ -505,8 +505,16 @@ def rand_block(rng, depth, loop_vars):
             parts.append(ws_tag(rng, rng.choice(names + ["loop.index" if loop_vars else "x", "v ~ '!'", "l | length"]), "{"))
         elif k < 0.45:
             parts.append(ws_tag(rng, f"set v = {rng.choice(names)} ~ '{rng.choice('abc')}'"))
-        elif k < 0.55:
+        elif k < 0.5:
             parts.append(ws_tag(rng, "c", "#"))
+        elif k < 0.55:
+            parts.append(rng.choice([
+                ws_tag(rng, f"set ns.n = ns.n ~ {rng.choice(names)}"), ws_tag(rng, "ns.n", "{"),
+                ws_tag(rng, f"mac({rng.choice(names)})", "{"), ws_tag(rng, "set v, w = 'p', v"),
+                ws_tag(rng, "macro mac2(a, b='d') ") + rng.choice(TEXTS) + "{{ a ~ b ~ v }}" + ws_tag(rng, "endmacro"),
+                ws_tag(rng, "mac2(1) if mac2 is defined else 'nomac'", "{"),
+                ws_tag(rng, "set blk ") + "[{{ v }}]" + ws_tag(rng, "set v = 'inblk'") + ws_tag(rng, "endset"),
+                ws_tag(rng, "blk | default('noblk')", "{")]))
         elif k < 0.78:
             parts.append(ws_tag(rng, f"if {rng.choice(['x', 'not x', 'v', 'l | length > 1', 'loop.first' if loop_vars else 'true'])}"))
             parts.append(rand_block(rng, depth + 1, loop_vars))
@@ -534,7 +542,8 @@ def test_random_templates_match_jinja2(driver):
     seed = int(os.environ.get("TESSERA_TEST_SEED", random.randrange(1 << 30)))
     print(f"seed {seed}")
     rng = random.Random(seed)
-    templates = sorted({rand_block(rng, 0, []) + rng.choice(["", "\n", "\n\n"]) for _ in range(400)})
+    prefix = "{% set ns = namespace(n='') %}{% macro mac(a) %}<{{ a }}{{ v }}{% set v = 'm' %}{{ v }}>{% endmacro %}"
+    templates = sorted({prefix + rand_block(rng, 0, []) + rng.choice(["", "\n", "\n\n"]) for _ in range(400)})
     assert len(templates) > 300
     ctx = {"x": 1, "s": "ab", "l": [1, 2, 3], "v": "init"}
     compare(driver, [(t, ctx) for t in templates], [f"template {t!r} (seed {seed})" for t in templates])
