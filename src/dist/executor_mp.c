@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -66,7 +67,8 @@ typedef struct {
   int monitor_started, stop;
   int state;              /* MP_*, atomic */
   pthread_mutex_t reason_mu;
-  char reason[TS_ERR_MSG_MAX];
+  char reason[TS_ERR_MSG_MAX]; /* what health() says */
+  char why[TS_ERR_MSG_MAX];    /* the failure itself */
   uint64_t ping_seq;
   int64_t next_ping_ms;
 } mp_impl;
@@ -82,7 +84,10 @@ static const char *worker_kind(const mp_impl *im) {
 static void mark_down(mp_impl *im, const char *why) {
   if (state_get(im) != MP_UP) return;
   pthread_mutex_lock(&im->reason_mu);
-  snprintf(im->reason, sizeof im->reason, "%s", why);
+  snprintf(im->why, sizeof im->why, "%s", why);
+  snprintf(im->reason, sizeof im->reason, "%.900s%s", why,
+           im->cfg.restart_workers ? "; restarting the workers"
+                                   : "; shutting down (--restart-workers relaunches them)");
   pthread_mutex_unlock(&im->reason_mu);
   state_set(im, MP_DOWN);
   LOG_E("%s executor: %s", worker_kind(im), why);
@@ -526,11 +531,10 @@ static void *monitor_main(void *arg) {
     /* DOWN: steps fail fast on the state; the sockets are the monitor's now. */
     pthread_mutex_lock(&im->reason_mu);
     char why[TS_ERR_MSG_MAX];
-    snprintf(why, sizeof why, "%s", im->reason);
+    snprintf(why, sizeof why, "%s", im->why);
     pthread_mutex_unlock(&im->reason_mu);
     teardown(im);
     if (im->cfg.restart_workers) {
-      set_reason(im, "%.900s; restarting the workers%s", why, "");
       int ok = 0;
       for (int attempt = 1; attempt <= MP_RESTART_ATTEMPTS && !ok && !im->stop; attempt++) {
         LOG_W("%s executor: restarting all %d workers (attempt %d of %d)", worker_kind(im),
@@ -615,7 +619,34 @@ static int mp_init_kv(executor *ex, int block_size, int64_t kv_cache_bytes, int 
   return rc;
 }
 
+/* A failure often shows first on a neighbour (an all-reduce peer or the next stage reports the
+ * broken link). Name the worker that actually went away when one did: a process that exited, or
+ * a socket at EOF, within a short look. */
+static void blame_dead(mp_impl *im, ts_err *err) {
+  char first[TS_ERR_MSG_MAX];
+  snprintf(first, sizeof first, "%s", err->msg);
+  int64_t until = net_now_ms() + 300;
+  do {
+    ts_err e = {0};
+    if (check_processes(im, &e) < 0) {
+      ts_errorf(err, TS_ENET, "%.400s (%.500s)", e.msg, first);
+      return;
+    }
+    for (int r = 0; r < im->world; r++) {
+      char c;
+      if (im->w[r].fd >= 0 && recv(im->w[r].fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0) {
+        ts_errorf(err, TS_ENET, "worker rank %d on %s closed its connection (%.700s)", r,
+                  im->w[r].node, first);
+        return;
+      }
+    }
+    struct timespec ts = {0, 20 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  } while (net_now_ms() < until);
+}
+
 static int step_fail(mp_impl *im, ts_err *err, int rc) {
+  blame_dead(im, err);
   mark_down(im, err->msg);
   return rc;
 }
@@ -649,8 +680,34 @@ static int mp_execute_step(executor *ex, uint64_t step_id, const ts_batch *b, fl
     rc = ts_errorf(err, TS_ENOMEM, "out of memory");
     goto out;
   }
+  /* Pings during the step: a worker answers whenever it is not computing, so one that stays
+   * silent past step_ping_ms while its neighbours wait has vanished (no EOF from a lost node). */
+  const char *spt = getenv("TESSERA_STEP_PING_TIMEOUT_MS");
+  int64_t step_ping_ms = spt && atoi(spt) > 0 ? atoi(spt) : 30 * 1000;
+  int64_t *ping_sent = calloc((size_t)im->world, sizeof *ping_sent); /* 0: none outstanding */
+  int64_t next_ping = net_now_ms() + MP_PING_EVERY_MS;
   int done = 0;
-  while (!done && rc == 0) {
+  while (!done && rc == 0 && ping_sent) {
+    int64_t now = net_now_ms();
+    if (now >= next_ping) {
+      for (int r = 0; r < im->world && rc == 0; r++) {
+        if (ping_sent[r] && now - ping_sent[r] > step_ping_ms) {
+          rc = step_fail(im, err, ts_errorf(err, TS_ETIMEOUT,
+                                            "worker rank %d on %s answered no ping for %lld ms "
+                                            "during step %llu",
+                                            r, im->w[r].node, (long long)(now - ping_sent[r]),
+                                            (unsigned long long)step_id));
+        } else if (!ping_sent[r]) {
+          wire_buf_reset(&im->out);
+          wire_ping pg = {.seq = ++im->ping_seq, .time_ms = (uint64_t)now};
+          wire_encode_ping(&im->out, WIRE_MSG_PING, &pg, NULL);
+          if ((rc = send_to(im, r, err)) < 0) rc = step_fail(im, err, rc);
+          ping_sent[r] = now;
+        }
+      }
+      next_ping = now + MP_PING_EVERY_MS;
+      if (rc < 0) break;
+    }
     for (int r = 0; r < im->world; r++) p[r] = (struct pollfd){.fd = im->w[r].fd, .events = POLLIN};
     int64_t left = deadline - net_now_ms();
     if (left <= 0) {
@@ -676,7 +733,10 @@ static int mp_execute_step(executor *ex, uint64_t step_id, const ts_batch *b, fl
         rc = step_fail(im, err, rc);
         break;
       }
-      if (im->in.type == WIRE_MSG_PONG) continue; /* an answer to a ping that timed out */
+      if (im->in.type == WIRE_MSG_PONG) {
+        ping_sent[r] = 0;
+        continue;
+      }
       if (im->in.type == WIRE_MSG_ERROR) {
         wire_error we;
         if (wire_decode_error(im->in.payload, im->in.len, &we, err) == 0)
@@ -709,6 +769,8 @@ static int mp_execute_step(executor *ex, uint64_t step_id, const ts_batch *b, fl
       wire_result_free(&res);
     }
   }
+  if (!ping_sent && rc == 0) rc = ts_errorf(err, TS_ENOMEM, "out of memory");
+  free(ping_sent);
   free(p);
 out:
   pthread_mutex_unlock(&im->mu);

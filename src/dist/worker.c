@@ -228,7 +228,36 @@ static int do_init_kv(worker *w, ts_err *err) {
   return send_frame(w, w->drv_fd, err);
 }
 
+static int answer_ping(worker *w, ts_err *err) {
+  wire_ping p;
+  TS_TRY(wire_decode_ping(w->in.payload, w->in.len, &p, err));
+  p.status = 0;
+  wire_buf_reset(&w->out);
+  TS_TRY(wire_encode_ping(&w->out, WIRE_MSG_PONG, &p, err));
+  return send_frame(w, w->drv_fd, err);
+}
+
+/* Waits for the previous stage while answering the driver's pings, so that the driver can tell a
+ * waiting stage from a vanished one. */
 static int recv_hidden(worker *w, const wire_step *st, ts_err *err) {
+  int64_t deadline = net_now_ms() + WORKER_STEP_TIMEOUT_MS;
+  for (;;) {
+    struct pollfd p[2] = {{.fd = w->prev_fd, .events = POLLIN}, {.fd = w->drv_fd, .events = POLLIN}};
+    int64_t left = deadline - net_now_ms();
+    if (left <= 0) return ts_errorf(err, TS_ETIMEOUT, "no hidden states from stage %d", w->pp_rank - 1);
+    int n = poll(p, 2, left > 1000 ? 1000 : (int)left);
+    if (n < 0 && errno != EINTR) return ts_errorf(err, TS_ENET, "poll: %s", strerror(errno));
+    if (n <= 0) continue;
+    if (p[0].revents) break;
+    if (p[1].revents) {
+      if (wire_recv_frame(w->drv_fd, &w->in, 0, net_now_ms() + WORKER_IO_TIMEOUT_MS, err) < 0)
+        return ts_err_prefix(err, "lost the driver");
+      if (w->in.type != WIRE_MSG_PING)
+        return ts_errorf(err, TS_ECANCELED, "the driver sent %s during a step",
+                         wire_msg_name(w->in.type));
+      TS_TRY(answer_ping(w, err));
+    }
+  }
   TS_TRY(wire_recv_frame(w->prev_fd, &w->in_hidden, 0, net_now_ms() + WORKER_STEP_TIMEOUT_MS, err));
   if (w->in_hidden.type != WIRE_MSG_HIDDEN)
     return ts_errorf(err, TS_EPROTO, "expected HIDDEN from stage %d, got %s", w->pp_rank - 1,
@@ -282,15 +311,9 @@ static int serve_driver(worker *w, ts_err *err) {
     int rc = wire_recv_frame(w->drv_fd, &w->in, 0, net_now_ms() + 3600 * 1000, err);
     if (rc < 0) return ts_err_prefix(err, "lost the driver");
     switch (w->in.type) {
-      case WIRE_MSG_PING: {
-        wire_ping p;
-        TS_TRY(wire_decode_ping(w->in.payload, w->in.len, &p, err));
-        p.status = 0;
-        wire_buf_reset(&w->out);
-        TS_TRY(wire_encode_ping(&w->out, WIRE_MSG_PONG, &p, err));
-        TS_TRY(send_frame(w, w->drv_fd, err));
+      case WIRE_MSG_PING:
+        TS_TRY(answer_ping(w, err));
         break;
-      }
       case WIRE_MSG_INIT_KV: {
         ts_err e = {0};
         if (do_init_kv(w, &e) < 0) {
