@@ -43,7 +43,7 @@ def kill_mid_stream(s, rank_pid):
 
 def test_worker_killed_mid_stream_shuts_down(tessera, shared):
     s = Serve(tessera, shared / STORIES, "-tp", 2, "-pp", 2,
-              env={"TESSERA_FAULT_GRACE_MS": "8000"})
+              env={"TESSERA_FAULT_GRACE_MS": "4000"})
     try:
         workers = s.workers()
         assert sorted(workers) == [0, 1, 2, 3]
@@ -89,7 +89,7 @@ def test_restart_workers(tessera, shared):
 
 def test_stalled_worker_idle_is_noticed(tessera, shared):
     s = Serve(tessera, shared / STORIES, "-pp", 2, env={"TESSERA_PING_TIMEOUT_MS": "1000",
-                                                        "TESSERA_FAULT_GRACE_MS": "8000"})
+                                                        "TESSERA_FAULT_GRACE_MS": "4000"})
     try:
         assert s.health() == 200
         workers = s.workers()
