@@ -84,6 +84,9 @@ class RayCluster:
             sh("ip", "-n", self.bridge_ns, "link", "set", "p%d" % i, "up")
             sh("ip", "-n", ns, "addr", "add", "%s/24" % self.ips[i], "dev", "eth0")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            # The default route leads only onto the bridge: "the interface with the default route"
+            # (how tessera and Ray pick a node's address) is then the node's own eth0.
+            sh("ip", "-n", ns, "route", "add", "default", "dev", "eth0")
 
     def start(self, timeout=120):
         self.create_network()

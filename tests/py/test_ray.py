@@ -303,3 +303,139 @@ def test_no_cluster_auto(cluster, tmp_path):
     err = run_failing(cluster, tmp_path, n=1, address="auto",
                       extra_env={"RAY_ADDRESS": "", "RAY_TMPDIR": str(tmp_path)})
     assert "no Ray cluster found on this machine" in err
+
+
+# ---- end to end: tessera serve --distributed-executor-backend ray across the two nodes -----
+
+HTTP_CLIENT = r"""
+import json, sys, urllib.request
+port, body = sys.argv[1], sys.argv[2]
+req = urllib.request.Request("http://127.0.0.1:%s/v1/completions" % port, data=body.encode(),
+                             headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=120) as r:
+    sys.stdout.write(r.read().decode())
+"""
+
+
+class NsServe:
+    """`tessera serve` inside the head node's namespace; its HTTP API is reached from there."""
+
+    def __init__(self, cluster, exe, model, *args):
+        env = cluster.env()
+        env["TESSERA_PYTHON"] = sys.executable
+        env.pop("TESSERA_HOST_IP", None)
+        self.cluster = cluster
+        self.proc = subprocess.Popen(cluster.exec_argv(0, [
+            exe, "serve", str(model), "--host", "127.0.0.1", "--port", "0",
+            "--served-model-name", "tiny", "--max-model-len", "256",
+            "--distributed-executor-backend", "ray", "--ray-address", cluster.address,
+            *map(str, args)]), env=env, stderr=subprocess.PIPE, text=True)
+        self.log = []
+        self.port = None
+        got = threading.Event()
+
+        def drain():
+            for line in self.proc.stderr:
+                self.log.append(line)
+                m = re.search(r"on http://[^:]+:(\d+)", line)
+                if m and self.port is None:
+                    self.port = int(m.group(1))
+                    got.set()
+            got.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not got.wait(150) or self.port is None:
+            self.stop()
+            raise AssertionError("ray serve did not start:\n" + self.text())
+
+    def text(self):
+        return "".join(self.log)
+
+    def complete(self, prompts, max_tokens):
+        body = json.dumps({"model": "tiny", "prompt": prompts, "max_tokens": max_tokens,
+                           "temperature": 0, "ignore_eos": True})
+        r = subprocess.run(self.cluster.exec_argv(0, [sys.executable, "-c", HTTP_CLIENT,
+                                                      str(self.port), body]),
+                           capture_output=True, text=True, timeout=150)
+        assert r.returncode == 0, r.stderr + self.text()
+        choices = sorted(json.loads(r.stdout)["choices"], key=lambda c: c["index"])
+        return [c["text"] for c in choices]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def tessera_workers(cluster):
+    """Pids of `tessera worker` processes in the cluster's namespaces."""
+    out = []
+    for p in cluster.pids():
+        try:
+            argv = open("/proc/%d/cmdline" % p, "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 2 and argv[0].endswith(b"tessera") and argv[1] == b"worker":
+            out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uni_reference(tessera, shared):
+    from dist_helpers import Serve, rand_prompt
+    model = shared / "models" / "stories260K-hf"
+    prompts = [rand_prompt() for _ in range(4)]
+    s = Serve(tessera, model, "--max-model-len", 256)
+    try:
+        return model, prompts, s.complete(prompts, 24, ignore_eos=True)
+    finally:
+        s.proc.terminate()
+        s.proc.wait(30)
+
+
+@pytest.mark.parametrize("tp,pp,end", [(2, 1, "SIGTERM"), (1, 2, "SIGKILL")])
+def test_serve_across_nodes_matches_uni(cluster, tessera, uni_reference, tp, pp, end):
+    model, prompts, want = uni_reference
+    s = NsServe(cluster, tessera, model, "--tensor-parallel-size", tp,
+                "--pipeline-parallel-size", pp, "--ray-placement-strategy", "SPREAD",
+                "--ray-placement-timeout", 30)
+    try:
+        assert s.complete(prompts, 24) == want, s.text()
+        log = s.text()
+        nodes = set()
+        for r in range(tp * pp):
+            m = re.search(r"ray executor: rank %d -> node (\S+), unit 0, device cpu" % r, log)
+            assert m, log
+            nodes.add(m.group(1).rstrip(","))
+            # The worker's own line, relayed from its node through Ray.
+            assert re.search(r"worker rank %d \(tp %d/%d, pp %d/%d\) on node %s, unit 0" % (
+                r, r % tp, tp, r // tp, pp, re.escape(m.group(1).rstrip(","))), log), log
+        assert nodes == set(cluster.ips), log
+        assert len(tessera_workers(cluster)) == tp * pp
+        if end == "SIGKILL":  # a driver that dies without a word takes its workers along
+            s.proc.kill()
+            s.proc.wait()
+    finally:
+        s.stop()
+    # Stopping (or killing) the server stops every worker on every node.
+    wait_until(lambda: not tessera_workers(cluster), 40, "the workers to stop with the server")
+
+
+def test_serve_reports_placement_failure(cluster, tessera, uni_reference):
+    model = uni_reference[0]
+    key = "ts_absent_%s" % secrets.token_hex(3)
+    env = cluster.env()
+    env["TESSERA_PYTHON"] = sys.executable
+    r = subprocess.run(cluster.exec_argv(0, [
+        tessera, "serve", str(model), "--host", "127.0.0.1", "--port", "0",
+        "--distributed-executor-backend", "ray", "--ray-address", cluster.address,
+        "--tensor-parallel-size", "2", "--ray-device-key", key]),
+        env=env, capture_output=True, text=True, timeout=90)
+    assert r.returncode != 0
+    # The launcher's paragraph reaches the user verbatim through the driver.
+    assert 'advertises the resource "%s"' % key in r.stderr, r.stderr
+    assert "ray start --address=%s --resources='{\"%s\": 1}'" % (cluster.address, key) in r.stderr
