@@ -240,9 +240,12 @@ static void seq_advance(engine *e, engine_seq *s, float *logits) {
     return;
   }
   int32_t t = res->token;
+  if (seq_append(s, t) < 0) {
+    req_fail(e, r, ENGINE_FINISH_ERROR, "out of memory for the generated tokens");
+    return;
+  }
   sampler_observe(s->smp, t);
   s->last_token = t;
-  s->tokens[s->n_tokens++] = t;
   s->completion_tokens++;
   e->generation_tokens_total++;
 

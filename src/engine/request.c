@@ -151,7 +151,9 @@ int req_create(engine_req **out, uint64_t id, const int32_t *prompt, size_t n_pr
     s->logits_row = -1;
     block_table_init(&s->bt);
     s->cap = cap_tokens;
-    s->tokens = malloc((size_t)cap_tokens * sizeof *s->tokens);
+    /* Room for the prompt and a first stretch of output; long generations double it. */
+    s->alloc = (int)n_prompt + 64 < cap_tokens ? (int)n_prompt + 64 : cap_tokens;
+    s->tokens = malloc((size_t)s->alloc * sizeof *s->tokens);
     if (!s->tokens) goto oom;
     memcpy(s->tokens, prompt, n_prompt * sizeof *prompt);
     s->n_tokens = (int)n_prompt;
@@ -206,6 +208,19 @@ static size_t stop_holdback(const engine_req *r, const char *buf, size_t len) {
   for (size_t k = max; k > 0; k--)
     for (int i = 0; i < r->p.n_stop; i++)
       if (r->stop_len[i] > k && !memcmp(buf + len - k, r->stop[i], k)) return k;
+  return 0;
+}
+
+int seq_append(engine_seq *s, int32_t t) {
+  if (s->n_tokens == s->alloc) {
+    int na = s->alloc * 2 < s->cap ? s->alloc * 2 : s->cap;
+    if (na <= s->alloc) return TS_ERANGE;
+    int32_t *nt = realloc(s->tokens, (size_t)na * sizeof *nt);
+    if (!nt) return TS_ENOMEM;
+    s->tokens = nt;
+    s->alloc = na;
+  }
+  s->tokens[s->n_tokens++] = t;
   return 0;
 }
 

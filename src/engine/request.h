@@ -21,9 +21,10 @@ typedef struct engine_seq {
   struct engine_req *req;
   int index;            /* choice index */
   seq_state state;
-  int32_t *tokens;      /* [cap] prompt then generated tokens; cap fixed at creation */
+  int32_t *tokens;      /* [alloc] prompt then generated tokens */
   int n_tokens;
-  int cap;
+  int alloc;            /* grows by doubling, never past cap */
+  int cap;              /* most tokens this sequence may reach (context or max_tokens) */
   int n_computed;       /* tokens whose K/V are in the blocks of bt */
   block_table bt;
   sampler *smp;
@@ -79,6 +80,9 @@ int req_create(engine_req **out, uint64_t id, const int32_t *prompt, size_t n_pr
                ts_err *err);
 /* Frees the request's memory (its sequences must hold no blocks). */
 void req_free(engine_req *r);
+
+/* Appends a generated token (growing the array by doubling). TS_ENOMEM when it cannot grow. */
+int seq_append(engine_seq *s, int32_t t);
 
 /* Drops from a detokenized chunk the prompt text the stream still held (see prompt_tail). */
 void seq_skip_prompt_tail(engine_seq *s, const char **text, size_t *len);

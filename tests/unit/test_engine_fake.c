@@ -458,7 +458,10 @@ static void test_errors(void) {
   static req_spec specs[NQ];
   static req_out outs[NQ];
   make_specs(specs, NQ, &r);
+  /* 1 ms a step: the last request below cannot finish its 200+ steps before engine_destroy. */
+  g_delay_us = 1000;
   engine *e = make_engine(8, 4096, 4, 8 * MAX_POS, 0, 3);
+  g_delay_us = 0;
   ts_err err;
   uint64_t id;
   CHECK(engine_submit(e, specs[0].prompt, 0, &specs[0].p, on_event, &outs[0], &id, &err) != 0);
@@ -484,6 +487,7 @@ static void test_errors(void) {
   /* Pending at destroy: aborted. */
   specs[2].p.ignore_eos = 1;
   specs[2].p.max_tokens = MAX_POS;
+  specs[2].n_prompt = 20;
   specs[2].p.n = 2;
   CHECK(engine_submit(e, specs[2].prompt, (size_t)specs[2].n_prompt, &specs[2].p, on_event,
                       &outs[2], &id, &err) == 0);
