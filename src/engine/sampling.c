@@ -205,6 +205,41 @@ static void fill_logprobs(sampler *s, const float *proc, int32_t token, sample_r
   for (int i = 0; i < out->n_top; i++) out->top_logprobs[i] = (float)(out->top_logprobs[i] - lse);
 }
 
+/* Keeps in cand[0..) a superset of the top candidates that top-k (k > 0: the k largest) or
+ * top-p (target > 0: the smallest prefix with that much mass) can select, so only those are
+ * sorted. Logits are bucketed by their distance below the maximum; every token of an earlier
+ * bucket is more likely than any of a later one, so the cut falls after the bucket where the
+ * running count reaches k or the running mass reaches target. Returns the kept count. */
+#define SAMPLING_BUCKETS 128
+static int narrow_candidates(int32_t *cand, int n, const float *logits, float mx, int k,
+                             double target) {
+  int count[SAMPLING_BUCKETS] = {0};
+  double mass[SAMPLING_BUCKETS] = {0};
+  for (int i = 0; i < n; i++) {
+    double gap = (double)mx - logits[cand[i]];
+    int b = gap < SAMPLING_BUCKETS / 4.0 ? (int)(gap * 4) : SAMPLING_BUCKETS - 1;
+    count[b]++;
+    mass[b] += exp((double)logits[cand[i]] - mx);
+  }
+  int cut = SAMPLING_BUCKETS - 1, c = 0;
+  double m = 0;
+  for (int b = 0; b < SAMPLING_BUCKETS - 1; b++) {
+    c += count[b];
+    m += mass[b];
+    if ((k > 0 && c >= k) || (target > 0 && m >= target)) {
+      cut = b;
+      break;
+    }
+  }
+  if (cut == SAMPLING_BUCKETS - 1) return n;
+  int kept = 0;
+  for (int i = 0; i < n; i++) {
+    double gap = (double)mx - logits[cand[i]];
+    if (gap < SAMPLING_BUCKETS / 4.0 && (int)(gap * 4) <= cut) cand[kept++] = cand[i];
+  }
+  return kept;
+}
+
 int sampler_sample(sampler *s, float *logits, sample_result *out) {
   const sampling_params *p = &s->p;
   const int V = s->vocab;
@@ -236,15 +271,23 @@ int sampler_sample(sampler *s, float *logits, sample_result *out) {
     for (int i = 0; i < V; i++)
       if (logits[i] >= min_logit && !isnan(logits[i])) s->cand[n++] = i;
     int k = p->top_k > 0 && p->top_k < n ? p->top_k : n;
-    int sorted = 0;
-    if (k < n || p->top_p < 1.0f) {
-      tl_logits = logits;
-      qsort(s->cand, (size_t)n, sizeof *s->cand, cmp_desc);
-      sorted = 1;
-      n = k;
-    }
     double total = 0;
     for (int i = 0; i < n; i++) total += exp((double)logits[s->cand[i]] - mx);
+    int sorted = 0;
+    if (k < n || p->top_p < 1.0f) {
+      int n_sort = narrow_candidates(s->cand, n, logits, mx, k < n ? k : 0,
+                                     k < n ? 0 : p->top_p * total);
+      tl_logits = logits;
+      qsort(s->cand, (size_t)n_sort, sizeof *s->cand, cmp_desc);
+      sorted = 1;
+      if (k < n) {
+        n = k;
+        total = 0;
+        for (int i = 0; i < n; i++) total += exp((double)logits[s->cand[i]] - mx);
+      } else {
+        n = n_sort; /* total stays the mass of every candidate: top-p's reference */
+      }
+    }
     if (sorted && p->top_p < 1.0f) {
       /* Smallest prefix whose mass reaches top_p (always at least one token). */
       double acc = 0, target = p->top_p * total;

@@ -143,6 +143,40 @@ static void test_distributions(void) {
   }
 }
 
+/* A wider vocabulary whose nucleus spans many logit buckets: top-p (alone and under top-k) still
+ * draws exactly the renormalised prefix. */
+static void test_wide_nucleus(void) {
+  enum { V = 96 };
+  float l[V];
+  double want[V], cut[V];
+  for (int trial = 0; trial < 2; trial++) {
+    for (int i = 0; i < V; i++) l[i] = test_rng_float(&rng) * 5 + (i % 7 == 0 ? 3 : 0);
+    sampling_params p;
+    sampling_params_default(&p);
+    p.temperature = 1.3f;
+    p.top_p = 0.85f;
+    p.top_k = trial ? 40 : 0;
+    softmax(l, V, p.temperature, want);
+    int order[V];
+    for (int i = 0; i < V; i++) order[i] = i;
+    for (int i = 0; i < V; i++)
+      for (int j = i + 1; j < V; j++)
+        if (l[order[j]] > l[order[i]]) {
+          int t = order[i];
+          order[i] = order[j];
+          order[j] = t;
+        }
+    int kk = p.top_k ? p.top_k : V;
+    double mass = 0, acc = 0;
+    for (int i = 0; i < kk; i++) mass += want[order[i]];
+    int keep = 0;
+    while (keep < kk && acc < 0.85 * mass) acc += want[order[keep++]];
+    for (int i = 0; i < V; i++) cut[i] = 0;
+    for (int i = 0; i < keep; i++) cut[order[i]] = want[order[i]] / acc;
+    check_distribution(&p, l, V, cut, 30000, trial ? "top-k + wide top-p" : "wide top-p");
+  }
+}
+
 /* Over a large random vocabulary, truncation never lets an excluded token through. */
 static void test_exclusion(void) {
   enum { V = 1000 };
@@ -311,6 +345,7 @@ static void test_logprobs_and_seed(void) {
 int main(void) {
   test_greedy();
   test_distributions();
+  test_wide_nucleus();
   test_exclusion();
   test_penalties();
   test_logprobs_and_seed();
