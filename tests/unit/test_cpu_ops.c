@@ -401,13 +401,13 @@ static void test_row_ops(backend *be) {
 
 typedef struct {
   int *hits;
-  int max_thread;
+  int *by_thread; /* [3] items each thread ran (each thread writes only its own slot) */
 } cover_arg;
 
 static void cover(void *arg, int64_t s, int64_t e, int thread) {
   cover_arg *a = arg;
   for (int64_t i = s; i < e; i++) a->hits[i]++;
-  if (thread > a->max_thread) a->max_thread = thread; /* benign: only checked for < size */
+  a->by_thread[thread] += (int)(e - s);
 }
 
 static void test_threadpool(void) {
@@ -418,11 +418,16 @@ static void test_threadpool(void) {
   for (int trial = 0; trial < 200; trial++) {
     int n = rand_int(0, 1000), minc = rand_int(1, 50);
     int *hits = calloc((size_t)n + 1, sizeof(int));
-    cover_arg a = {hits, 0};
+    int by_thread[3] = {0, 0, 0};
+    cover_arg a = {hits, by_thread};
     threadpool_parallel_for(p, n, minc, cover, &a);
     int ok = 1;
     for (int i = 0; i < n; i++) ok &= hits[i] == 1;
     CHECK_MSG(ok, "n=%d min_chunk=%d not covered exactly once", n, minc);
+    /* Static chunks: as many threads as min_chunk allows, each with a near-equal share. */
+    int want_chunks = n / minc < 3 ? (n / minc < 1 ? 1 : n / minc) : 3, used = 0;
+    for (int t = 0; t < 3; t++) used += by_thread[t] > 0;
+    if (n > 0) CHECK_MSG(used == want_chunks, "n=%d min_chunk=%d ran on %d threads", n, minc, used);
     free(hits);
   }
   threadpool_free(p);
