@@ -105,7 +105,8 @@ static void fake_shutdown(executor *ex) {
   free(ex);
 }
 
-static const executor_ops fake_ops = {"fake", fake_init_kv, fake_step, NULL, fake_shutdown};
+static const executor_ops fake_ops = {
+    .name = "fake", .init_kv = fake_init_kv, .execute_step = fake_step, .shutdown = fake_shutdown};
 
 static int g_delay_us;
 static executor *g_last_ex;
@@ -305,6 +306,10 @@ static void test_differential(void) {
   static req_spec specs[NREQ];
   static req_out ref[NREQ], got[NREQ];
   make_specs(specs, NREQ, &r);
+  /* Some greedy requests with several choices: they share prompt blocks, and every choice must
+   * still equal the same request alone (greedy choices are all the same). */
+  for (int q = 0; q < NREQ; q++)
+    if (test_rng_next(&r) % 4 == 0) specs[q].p.n = 2 + (int)(test_rng_next(&r) % 3);
   int total = total_choices(specs, NREQ);
 
   /* Reference: one request at a time, roomy cache, no caching, whole prefill in one step. */
@@ -314,6 +319,9 @@ static void test_differential(void) {
   check_idle(e);
   engine_destroy(e);
   for (int q = 0; q < NREQ; q++) {
+    for (int k = 1; k < specs[q].p.n; k++)
+      CHECK(ref[q].ch[k].n == ref[q].ch[0].n &&
+            !memcmp(ref[q].ch[k].toks, ref[q].ch[0].toks, (size_t)ref[q].ch[0].n * sizeof(int32_t)));
     choice_out *c = &ref[q].ch[0];
     CHECK(c->finish == ENGINE_FINISH_STOP || c->finish == ENGINE_FINISH_LENGTH);
     CHECK(c->n <= specs[q].p.max_tokens && c->n >= 1);
