@@ -439,3 +439,20 @@ def test_serve_reports_placement_failure(cluster, tessera, uni_reference):
     # The launcher's paragraph reaches the user verbatim through the driver.
     assert 'advertises the resource "%s"' % key in r.stderr, r.stderr
     assert "ray start --address=%s --resources='{\"%s\": 1}'" % (cluster.address, key) in r.stderr
+
+
+def test_serve_restarts_workers_on_ray(cluster, tessera, uni_reference):
+    model, prompts, want = uni_reference
+    s = NsServe(cluster, tessera, model, "--tensor-parallel-size", 2, "--restart-workers",
+                "--ray-placement-strategy", "SPREAD", "--ray-placement-timeout", 30)
+    try:
+        before = tessera_workers(cluster)
+        assert len(before) == 2
+        os.kill(before[secrets.randbelow(2)], signal.SIGKILL)
+        wait_until(lambda: "every worker is back" in s.text(), 90, "the workers to come back")
+        after = tessera_workers(cluster)
+        assert len(after) == 2 and not set(after) & set(before)
+        assert s.complete(prompts, 24) == want, s.text()
+    finally:
+        s.stop()
+    wait_until(lambda: not tessera_workers(cluster), 40, "the workers to stop with the server")
