@@ -112,9 +112,13 @@ def resolve_ray_address(address):
     env = os.environ.get("RAY_ADDRESS")
     if env and env != "auto":
         return env
-    tmp = os.environ.get("RAY_TMPDIR", "/tmp")
     try:
-        with open(os.path.join(tmp, "ray", "ray_current_cluster")) as f:
+        from ray._common.utils import get_ray_address_file
+        path = get_ray_address_file(None)
+    except Exception:  # private API moved: Ray's default place
+        path = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
+    try:
+        with open(path) as f:
             found = f.read().strip()
     except OSError:
         found = ""

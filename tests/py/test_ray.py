@@ -6,17 +6,20 @@ cluster. The workers here are small Python programs that record what they were g
 import json
 import os
 import pathlib
+import random
 import re
 import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "python"))
 import netns  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -67,8 +70,9 @@ def cluster(tmp_path_factory):
     why = netns.available()
     if why:
         pytest.skip(why)
+    # A short temp dir: Ray's unix sockets live under it and their paths must stay < 108 bytes.
     c = netns.RayCluster([{"tessera_cpu": 1}, {"tessera_cpu": 1, "ts_pack": PACK_UNITS}],
-                         str(tmp_path_factory.mktemp("raytmp")))
+                         tempfile.mkdtemp(prefix="tsray", dir="/tmp"))
     try:
         c.start()
         yield c
@@ -163,6 +167,29 @@ def run_failing(cluster, tmp, within=30, **kw):
 def ns_of(cluster, pid):
     r = netns.sh("ip", "netns", "identify", str(pid), check=False)
     return r.stdout.strip()
+
+
+def test_assign_units_random():
+    """Ray's ids when they tell a node's bundles apart, else 0..k-1 per node in rank order."""
+    from tessera_ray.launch import assign_units
+    rng = random.Random(secrets.randbits(32))
+    for _ in range(200):
+        n = rng.randint(1, 12)
+        nodes = ["node%d" % rng.randrange(4) for _ in range(n)]
+        distinct = rng.random() < 0.5
+        pool = {nd: rng.sample(range(16), 16) for nd in set(nodes)}
+        infos = []
+        for r, nd in enumerate(nodes):
+            ids = [str(pool[nd].pop())] if distinct else ["0"]
+            infos.append((nd, "ip-" + nd, ids, 1000 + r))
+        units = assign_units(infos)
+        for nd in set(nodes):
+            ranks = [r for r in range(n) if nodes[r] == nd]
+            got = [units[r] for r in ranks]
+            if distinct or len(ranks) == 1:
+                assert got == [infos[r][2][0] for r in ranks]
+            else:
+                assert got == [str(i) for i in range(len(ranks))]
 
 
 def test_spread_places_workers_on_both_nodes(cluster, tmp_path):
