@@ -3,7 +3,8 @@
  * rows back; nothing points into engine state, so an mp or ray executor can serialise the plan to
  * worker processes unchanged. Each worker owns its shard of the weights and of the paged KV cache;
  * the engine only ever sees block ids. A worker that dies or stalls is reported as an error from
- * execute_step or health (never a hang, never an exit). Implementations: uni (in process). */
+ * execute_step or health (never a hang, never an exit). Implementations: uni (in process), mp
+ * and ray (worker processes, dist/executor_mp.h). */
 #ifndef TESSERA_EXECUTOR_H
 #define TESSERA_EXECUTOR_H
 
@@ -25,6 +26,7 @@ typedef struct {
   int bos_id;         /* -1 when none */
   int n_eos;
   int eos_ids[MODEL_MAX_EOS]; /* ids that end generation according to the model config */
+  int max_inflight;   /* steps submit_step may have outstanding (pipeline stages); 0 or 1: one */
 } executor_info;
 
 typedef struct executor_ops {
@@ -44,8 +46,19 @@ typedef struct executor_ops {
   void (*shutdown)(executor *ex);
 } executor_ops;
 
+/* Pipelined steps, for executors whose workers form a pipeline: submit_step ships a plan and
+ * returns at once; collect_step waits for the oldest outstanding step and writes its logits, in
+ * submission order. At most info.max_inflight steps are outstanding, and steps in flight together
+ * must not share a sequence (each needs the token the previous one samples). After a failure
+ * every outstanding step is still collected (each returns the error). */
+typedef struct executor_pipeline_ops {
+  int (*submit_step)(executor *ex, uint64_t step_id, const ts_batch *b, ts_err *err);
+  int (*collect_step)(executor *ex, uint64_t *step_id, float *logits, ts_err *err);
+} executor_pipeline_ops;
+
 struct executor {
   const executor_ops *ops;
+  const executor_pipeline_ops *pipe; /* NULL: one step at a time through execute_step */
   executor_info info;
   void *impl;
   /* Bumped (by the executor, atomically) each time the workers' KV caches were lost, e.g. when
@@ -66,6 +79,14 @@ static inline int executor_init_kv(executor *ex, int block_size, int64_t kv_cach
 static inline int executor_execute_step(executor *ex, uint64_t step_id, const ts_batch *b,
                                         float *logits, ts_err *err) {
   return ex->ops->execute_step(ex, step_id, b, logits, err);
+}
+static inline int executor_submit_step(executor *ex, uint64_t step_id, const ts_batch *b,
+                                       ts_err *err) {
+  return ex->pipe->submit_step(ex, step_id, b, err);
+}
+static inline int executor_collect_step(executor *ex, uint64_t *step_id, float *logits,
+                                        ts_err *err) {
+  return ex->pipe->collect_step(ex, step_id, logits, err);
 }
 static inline int executor_health(executor *ex, ts_err *err) {
   return ex->ops->health ? ex->ops->health(ex, err) : 0;

@@ -27,6 +27,7 @@
 #define MP_IO_TIMEOUT_MS (30 * 1000)
 #define MP_PING_EVERY_MS 1000
 #define MP_RESTART_ATTEMPTS 3
+#define MP_MAX_INFLIGHT 64
 
 enum { MP_UP = 0, MP_DOWN = 1, MP_DEAD = 2 };
 
@@ -71,6 +72,10 @@ typedef struct {
   char why[TS_ERR_MSG_MAX];    /* the failure itself */
   uint64_t ping_seq;
   int64_t next_ping_ms;
+  /* Steps submitted and not yet collected, oldest at inflight_head (under mu). */
+  uint64_t inflight_id[MP_MAX_INFLIGHT];
+  int inflight_rows[MP_MAX_INFLIGHT];
+  int inflight_head, n_inflight;
 } mp_impl;
 
 static int state_get(mp_impl *im) { return __atomic_load_n(&im->state, __ATOMIC_ACQUIRE); }
@@ -518,6 +523,7 @@ static void *monitor_main(void *arg) {
       }
       pthread_cond_timedwait(&im->cv, &im->mu, &ts);
       if (im->stop || state_get(im) != MP_UP) continue;
+      if (im->n_inflight) continue; /* the results on the sockets belong to collect_step */
       check_workers(im);
       /* Strangers on the driver's port are handshaken (and logged) and dropped. */
       struct pollfd p = {.fd = im->listen_fd, .events = POLLIN};
@@ -651,35 +657,53 @@ static int step_fail(mp_impl *im, ts_err *err, int rc) {
   return rc;
 }
 
-static int mp_execute_step(executor *ex, uint64_t step_id, const ts_batch *b, float *logits,
-                           ts_err *err) {
-  mp_impl *im = ex->impl;
-  pthread_mutex_lock(&im->mu);
+/* Caller holds mu. Ships the plan to every worker and queues it as outstanding. */
+static int submit_locked(mp_impl *im, executor *ex, uint64_t step_id, const ts_batch *b,
+                         ts_err *err) {
+  if (state_get(im) != MP_UP) {
+    pthread_mutex_lock(&im->reason_mu);
+    int rc = ts_errorf(err, TS_ENET, "the workers are down: %.900s", im->reason);
+    pthread_mutex_unlock(&im->reason_mu);
+    return rc;
+  }
+  if (__atomic_load_n(&ex->kv_epoch, __ATOMIC_ACQUIRE) != ex->kv_epoch_seen)
+    return ts_errorf(err, TS_ENET, "the workers were restarted; this step's KV cache is gone");
+  if (im->n_inflight >= MP_MAX_INFLIGHT || im->n_inflight >= ex->info.max_inflight)
+    return ts_errorf(err, TS_EBUSY, "%d steps are already in flight", im->n_inflight);
+  wire_buf_reset(&im->out);
+  TS_TRY(wire_encode_step(&im->out, step_id, 0, b, err));
+  for (int r = 0; r < im->world; r++) {
+    int rc = send_to(im, r, err);
+    if (rc < 0) return step_fail(im, err, rc);
+  }
+  int slot = (im->inflight_head + im->n_inflight) % MP_MAX_INFLIGHT;
+  im->inflight_id[slot] = step_id;
+  im->inflight_rows[slot] = b->n_logits;
+  im->n_inflight++;
+  return 0;
+}
+
+/* Caller holds mu. Takes the oldest outstanding step off the queue (even when it fails) and waits
+ * for its result. */
+static int collect_locked(mp_impl *im, executor *ex, uint64_t *step_id_out, float *logits,
+                          ts_err *err) {
+  if (im->n_inflight == 0) return ts_errorf(err, TS_EINVAL, "executor: no step in flight");
+  uint64_t step_id = im->inflight_id[im->inflight_head];
+  int n_logits = im->inflight_rows[im->inflight_head];
+  im->inflight_head = (im->inflight_head + 1) % MP_MAX_INFLIGHT;
+  im->n_inflight--;
+  if (step_id_out) *step_id_out = step_id;
   int rc = 0;
   if (state_get(im) != MP_UP) {
     pthread_mutex_lock(&im->reason_mu);
     rc = ts_errorf(err, TS_ENET, "the workers are down: %.900s", im->reason);
     pthread_mutex_unlock(&im->reason_mu);
-    goto out;
+    return rc;
   }
-  if (__atomic_load_n(&ex->kv_epoch, __ATOMIC_ACQUIRE) != ex->kv_epoch_seen) {
-    rc = ts_errorf(err, TS_ENET, "the workers were restarted; this step's KV cache is gone");
-    goto out;
-  }
-  wire_buf_reset(&im->out);
-  if ((rc = wire_encode_step(&im->out, step_id, 0, b, err)) < 0) goto out;
-  for (int r = 0; r < im->world; r++)
-    if ((rc = send_to(im, r, err)) < 0) {
-      rc = step_fail(im, err, rc);
-      goto out;
-    }
   const char *t = getenv("TESSERA_STEP_TIMEOUT_MS");
   int64_t deadline = net_now_ms() + (t && atoi(t) > 0 ? atoi(t) : 10 * 60 * 1000);
   struct pollfd *p = calloc((size_t)im->world, sizeof *p);
-  if (!p) {
-    rc = ts_errorf(err, TS_ENOMEM, "out of memory");
-    goto out;
-  }
+  if (!p) return ts_errorf(err, TS_ENOMEM, "out of memory");
   /* Pings during the step: a worker answers whenever it is not computing, so one that stays
    * silent past step_ping_ms while its neighbours wait has vanished (no EOF from a lost node). */
   const char *spt = getenv("TESSERA_STEP_PING_TIMEOUT_MS");
@@ -754,13 +778,13 @@ static int mp_execute_step(executor *ex, uint64_t step_id, const ts_batch *b, fl
         rc = step_fail(im, err, rc);
         break;
       }
-      if (res.step_id != step_id || res.kind != WIRE_RESULT_LOGITS || res.n_rows != b->n_logits ||
+      if (res.step_id != step_id || res.kind != WIRE_RESULT_LOGITS || res.n_rows != n_logits ||
           res.vocab != ex->info.vocab_size) {
         rc = step_fail(im, err, ts_errorf(err, TS_EPROTO,
                                           "worker rank %d answered step %llu with %d rows of %d; "
                                           "expected step %llu, %d rows of %d",
                                           r, (unsigned long long)res.step_id, res.n_rows, res.vocab,
-                                          (unsigned long long)step_id, b->n_logits,
+                                          (unsigned long long)step_id, n_logits,
                                           ex->info.vocab_size));
       } else {
         memcpy(logits, res.logits, (size_t)res.n_rows * (size_t)res.vocab * sizeof *logits);
@@ -772,7 +796,32 @@ static int mp_execute_step(executor *ex, uint64_t step_id, const ts_batch *b, fl
   if (!ping_sent && rc == 0) rc = ts_errorf(err, TS_ENOMEM, "out of memory");
   free(ping_sent);
   free(p);
-out:
+  return rc;
+}
+
+static int mp_execute_step(executor *ex, uint64_t step_id, const ts_batch *b, float *logits,
+                           ts_err *err) {
+  mp_impl *im = ex->impl;
+  pthread_mutex_lock(&im->mu);
+  int rc = im->n_inflight ? ts_errorf(err, TS_EBUSY, "executor: steps are in flight")
+                          : submit_locked(im, ex, step_id, b, err);
+  if (rc == 0) rc = collect_locked(im, ex, NULL, logits, err);
+  pthread_mutex_unlock(&im->mu);
+  return rc;
+}
+
+static int mp_submit_step(executor *ex, uint64_t step_id, const ts_batch *b, ts_err *err) {
+  mp_impl *im = ex->impl;
+  pthread_mutex_lock(&im->mu);
+  int rc = submit_locked(im, ex, step_id, b, err);
+  pthread_mutex_unlock(&im->mu);
+  return rc;
+}
+
+static int mp_collect_step(executor *ex, uint64_t *step_id, float *logits, ts_err *err) {
+  mp_impl *im = ex->impl;
+  pthread_mutex_lock(&im->mu);
+  int rc = collect_locked(im, ex, step_id, logits, err);
   pthread_mutex_unlock(&im->mu);
   return rc;
 }
@@ -834,6 +883,11 @@ static const executor_ops ray_ops = {
     .shutdown = mp_shutdown,
 };
 
+static const executor_pipeline_ops mp_pipe_ops = {
+    .submit_step = mp_submit_step,
+    .collect_step = mp_collect_step,
+};
+
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 
 int executor_mp_create(executor **out, const executor_mp_config *cfg, ts_err *err) {
@@ -879,6 +933,7 @@ int executor_mp_create(executor **out, const executor_mp_config *cfg, ts_err *er
   pthread_cond_init(&im->cv, NULL);
   wire_buf_init(&im->out);
   ex->ops = cfg->launch == MP_LAUNCH_RAY ? &ray_ops : &mp_ops;
+  ex->pipe = &mp_pipe_ops;
   ex->impl = im;
   int rc = 0;
   if (!im->model_path || !im->device || !im->ray_key || !im->ray_env || !im->ray_strategy)
@@ -927,6 +982,7 @@ int executor_mp_create(executor **out, const executor_mp_config *cfg, ts_err *er
     if (w[r].info.kv_bytes_per_token > ex->info.kv_bytes_per_token)
       ex->info.kv_bytes_per_token = w[r].info.kv_bytes_per_token;
   }
+  ex->info.max_inflight = cfg->pp < MP_MAX_INFLIGHT ? cfg->pp : MP_MAX_INFLIGHT;
   log_layout(im);
   if (pthread_create(&im->monitor, NULL, monitor_main, im) != 0) {
     teardown(im);

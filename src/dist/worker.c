@@ -19,6 +19,7 @@
 #define WORKER_STEP_TIMEOUT_MS (10 * 60 * 1000)
 #define WORKER_SETUP_TIMEOUT_MS (120 * 1000)
 #define WORKER_IO_TIMEOUT_MS (30 * 1000)
+#define WORKER_MAX_QUEUE 64
 
 int dist_stage_shard(const model_config *cfg, const char *layer_split, int tp_rank, int tp,
                      int pp_rank, int pp, model_shard *out, ts_err *err) {
@@ -75,6 +76,9 @@ typedef struct {
   float *hidden_in;    /* [max_tokens][d_model] */
   float *hidden_out;   /* [max_tokens][d_model] */
   float *logits;       /* [max_tokens][vocab] (last stage) */
+  /* Steps the driver sent while this stage waited for hidden states (pipelined steps), in order */
+  wire_step queue[WORKER_MAX_QUEUE];
+  int q_head, q_n;
 } worker;
 
 static int send_frame(worker *w, int fd, ts_err *err) {
@@ -100,6 +104,11 @@ static void worker_cleanup(worker *w) {
   wire_buf_free(&w->out);
   wire_frame_free(&w->in);
   wire_frame_free(&w->in_hidden);
+  while (w->q_n > 0) {
+    wire_step_free(&w->queue[w->q_head]);
+    w->q_head = (w->q_head + 1) % WORKER_MAX_QUEUE;
+    w->q_n--;
+  }
   free(w->hidden_in);
   free(w->hidden_out);
   free(w->logits);
@@ -252,6 +261,15 @@ static int recv_hidden(worker *w, const wire_step *st, ts_err *err) {
     if (p[1].revents) {
       if (wire_recv_frame(w->drv_fd, &w->in, 0, net_now_ms() + WORKER_IO_TIMEOUT_MS, err) < 0)
         return ts_err_prefix(err, "lost the driver");
+      if (w->in.type == WIRE_MSG_STEP) {
+        /* The next micro-batch, already on its way through the pipeline: keep it for later. */
+        if (w->q_n == WORKER_MAX_QUEUE)
+          return ts_errorf(err, TS_EBUSY, "more than %d steps in flight", WORKER_MAX_QUEUE);
+        wire_step *q = &w->queue[(w->q_head + w->q_n) % WORKER_MAX_QUEUE];
+        TS_TRY(wire_decode_step(w->in.payload, w->in.len, q, err));
+        w->q_n++;
+        continue;
+      }
       if (w->in.type != WIRE_MSG_PING)
         return ts_errorf(err, TS_ECANCELED, "the driver sent %s during a step",
                          wire_msg_name(w->in.type));
@@ -305,8 +323,28 @@ static int do_step(worker *w, wire_step *st, ts_err *err) {
   return send_frame(w, w->drv_fd, err);
 }
 
+static void run_step(worker *w, wire_step *st, int decoded, const ts_err *derr) {
+  ts_err e = {0};
+  int rc = decoded < 0 ? (e = *derr, decoded) : do_step(w, st, &e);
+  uint64_t id = decoded < 0 ? 0 : st->step_id;
+  wire_step_free(st);
+  if (rc < 0) {
+    /* The group is in an unknown state now (a neighbour may wait on us): report and let the
+     * driver decide; it stops or restarts every worker. */
+    LOG_E("worker %d: step %llu failed: %s", w->cfg->rank, (unsigned long long)id, e.msg);
+    send_error(w, id, &e);
+  }
+}
+
 static int serve_driver(worker *w, ts_err *err) {
   for (;;) {
+    if (w->q_n > 0) {
+      wire_step st = w->queue[w->q_head];
+      w->q_head = (w->q_head + 1) % WORKER_MAX_QUEUE;
+      w->q_n--;
+      run_step(w, &st, 0, NULL);
+      continue;
+    }
     /* Idle: the driver pings every second or so; an hour of silence means it is gone. */
     int rc = wire_recv_frame(w->drv_fd, &w->in, 0, net_now_ms() + 3600 * 1000, err);
     if (rc < 0) return ts_err_prefix(err, "lost the driver");
@@ -325,16 +363,7 @@ static int serve_driver(worker *w, ts_err *err) {
       case WIRE_MSG_STEP: {
         wire_step st;
         ts_err e = {0};
-        rc = wire_decode_step(w->in.payload, w->in.len, &st, &e);
-        if (rc == 0) rc = do_step(w, &st, &e);
-        uint64_t id = rc == 0 ? 0 : st.step_id;
-        wire_step_free(&st);
-        if (rc < 0) {
-          /* The group is in an unknown state now (a neighbour may wait on us): report and let
-           * the driver decide; it stops or restarts every worker. */
-          LOG_E("worker %d: step %llu failed: %s", w->cfg->rank, (unsigned long long)id, e.msg);
-          send_error(w, id, &e);
-        }
+        run_step(w, &st, wire_decode_step(w->in.payload, w->in.len, &st, &e), &e);
         break;
       }
       case WIRE_MSG_SHUTDOWN:
