@@ -1,6 +1,6 @@
 /* The forward pass, differentially: (1) a synthetic model with random weights (Llama, Qwen2 with
  * q/k/v bias, Qwen3 with q/k norm; NEOX and interleaved RoPE, llama3 scaling, GQA) against a
- * dense double-precision reference written here, with one rank and with two tensor-parallel ranks
+ * dense double-precision reference written here (weights stored as F32, F16 or BF16), with one rank and with two tensor-parallel ranks
  * all-reducing through an in-test comm; (2) stories260K: whole-prompt prefill, token-by-token
  * decode and chunked prefill of two interleaved sequences over shuffled KV blocks give the same
  * logits, a two-stage pipeline split matches one stage, and the GGUF file matches the HF one. */
@@ -65,7 +65,30 @@ typedef struct {
   struct {
     float *attn_norm, *wq, *wk, *wv, *bq, *bk, *bv, *qn, *kn, *wo, *ffn_norm, *wg, *wu, *wd;
   } L[2];
+  ts_dtype dt;         /* storage of every weight: F32, or F16/BF16 copies below */
+  int n_half;
+  float *half_src[40]; /* float master (already rounded to dt) -> its 16-bit copy */
+  uint16_t *half[40];
 } syn_model;
+
+/* Rounds a float master buffer to s->dt in place and keeps the 16-bit copy the model reads. */
+static void syn_store(syn_model *s, float *p, size_t n) {
+  if (s->dt == TS_F32) return;
+  uint16_t *h = malloc(n * sizeof *h);
+  for (size_t i = 0; i < n; i++) {
+    h[i] = s->dt == TS_F16 ? ts_f32_to_f16(p[i]) : ts_f32_to_bf16(p[i]);
+    p[i] = s->dt == TS_F16 ? ts_f16_to_f32(h[i]) : ts_bf16_to_f32(h[i]);
+  }
+  s->half_src[s->n_half] = p;
+  s->half[s->n_half++] = h;
+}
+
+/* The tensor data for element `off` of master buffer p, in the model's storage dtype. */
+static void *syn_data(const syn_model *s, float *p, int64_t off) {
+  for (int i = 0; i < s->n_half; i++)
+    if (s->half_src[i] == p) return s->half[i] + off;
+  return p + off;
+}
 
 static float *rand_buf(size_t n, float scale, float offset) {
   float *p = malloc(n * sizeof(float));
@@ -73,8 +96,9 @@ static float *rand_buf(size_t n, float scale, float offset) {
   return p;
 }
 
-static void syn_init(syn_model *s, model_arch arch, int interleaved, int llama3) {
+static void syn_init(syn_model *s, model_arch arch, int interleaved, int llama3, ts_dtype dt) {
   memset(s, 0, sizeof *s);
+  s->dt = dt;
   model_config *c = &s->c;
   c->arch = arch;
   c->vocab_size = 97;
@@ -118,6 +142,25 @@ static void syn_init(syn_model *s, model_arch arch, int interleaved, int llama3)
     s->L[l].wu = rand_buf((size_t)ff * d, 0.3f, 0);
     s->L[l].wd = rand_buf((size_t)d * ff, 0.2f, 0);
   }
+  syn_store(s, s->embd, (size_t)c->vocab_size * d);
+  syn_store(s, s->out_norm, d);
+  syn_store(s, s->lm_head, (size_t)c->vocab_size * d);
+  for (int l = 0; l < 2; l++) {
+    syn_store(s, s->L[l].attn_norm, d);
+    syn_store(s, s->L[l].wq, (size_t)q * d);
+    syn_store(s, s->L[l].wk, (size_t)kv * d);
+    syn_store(s, s->L[l].wv, (size_t)kv * d);
+    syn_store(s, s->L[l].bq, q);
+    syn_store(s, s->L[l].bk, kv);
+    syn_store(s, s->L[l].bv, kv);
+    syn_store(s, s->L[l].qn, c->head_dim);
+    syn_store(s, s->L[l].kn, c->head_dim);
+    syn_store(s, s->L[l].wo, (size_t)d * q);
+    syn_store(s, s->L[l].ffn_norm, d);
+    syn_store(s, s->L[l].wg, (size_t)ff * d);
+    syn_store(s, s->L[l].wu, (size_t)ff * d);
+    syn_store(s, s->L[l].wd, (size_t)d * ff);
+  }
 }
 
 static void syn_free(syn_model *s) {
@@ -130,16 +173,17 @@ static void syn_free(syn_model *s) {
                   s->L[l].ffn_norm, s->L[l].wg, s->L[l].wu, s->L[l].wd};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free(p[i]);
   }
+  for (int i = 0; i < s->n_half; i++) free(s->half[i]);
 }
 
-static ts_tensor vec(float *p, int64_t n) {
-  ts_tensor t = {p, TS_F32, 1, {n}, n};
+static ts_tensor vec(const syn_model *s, float *p, int64_t off, int64_t n) {
+  ts_tensor t = {syn_data(s, p, off), s->dt, 1, {n}, n};
   return t;
 }
 /* Rows [r0, r0+nr) or columns [c0, c0+nc) of a [rows][cols] matrix, as the loader shards them. */
-static ts_tensor mat(float *p, int64_t rows, int64_t cols, int64_t r0, int64_t nr, int64_t c0,
-                     int64_t nc) {
-  ts_tensor t = {p + r0 * cols + c0, TS_F32, 2, {nr, nc}, cols};
+static ts_tensor mat(const syn_model *s, float *p, int64_t rows, int64_t cols, int64_t r0,
+                     int64_t nr, int64_t c0, int64_t nc) {
+  ts_tensor t = {syn_data(s, p, r0 * cols + c0), s->dt, 2, {nr, nc}, cols};
   (void)rows;
   return t;
 }
@@ -155,31 +199,31 @@ static model *syn_rank(syn_model *s, backend *be, int rank, int size, comm *c) {
   m->max_tokens = 64;
   int d = k->d_model, hd = k->head_dim, q = k->n_head * hd, kv = k->n_kv_head * hd, ff = k->d_ff;
   int ql = q / size, kvl = kv / size, ffl = ff / size;
-  m->w.tok_embd = mat(s->embd, k->vocab_size, d, 0, k->vocab_size, 0, d);
-  m->w.out_norm = vec(s->out_norm, d);
-  m->w.lm_head = mat(s->lm_head, k->vocab_size, d, 0, k->vocab_size, 0, d);
+  m->w.tok_embd = mat(s, s->embd, k->vocab_size, d, 0, k->vocab_size, 0, d);
+  m->w.out_norm = vec(s, s->out_norm, 0, d);
+  m->w.lm_head = mat(s, s->lm_head, k->vocab_size, d, 0, k->vocab_size, 0, d);
   m->w.n_layers = k->n_layer;
   m->w.layers = calloc(2, sizeof *m->w.layers);
   for (int l = 0; l < 2; l++) {
     layer_weights *L = &m->w.layers[l];
-    L->attn_norm = vec(s->L[l].attn_norm, d);
-    L->wq = mat(s->L[l].wq, q, d, rank * ql, ql, 0, d);
-    L->wk = mat(s->L[l].wk, kv, d, rank * kvl, kvl, 0, d);
-    L->wv = mat(s->L[l].wv, kv, d, rank * kvl, kvl, 0, d);
+    L->attn_norm = vec(s, s->L[l].attn_norm, 0, d);
+    L->wq = mat(s, s->L[l].wq, q, d, rank * ql, ql, 0, d);
+    L->wk = mat(s, s->L[l].wk, kv, d, rank * kvl, kvl, 0, d);
+    L->wv = mat(s, s->L[l].wv, kv, d, rank * kvl, kvl, 0, d);
     if (k->qkv_bias) {
-      L->bq = vec(s->L[l].bq + rank * ql, ql);
-      L->bk = vec(s->L[l].bk + rank * kvl, kvl);
-      L->bv = vec(s->L[l].bv + rank * kvl, kvl);
+      L->bq = vec(s, s->L[l].bq, rank * ql, ql);
+      L->bk = vec(s, s->L[l].bk, rank * kvl, kvl);
+      L->bv = vec(s, s->L[l].bv, rank * kvl, kvl);
     }
     if (k->qk_norm) {
-      L->q_norm = vec(s->L[l].qn, hd);
-      L->k_norm = vec(s->L[l].kn, hd);
+      L->q_norm = vec(s, s->L[l].qn, 0, hd);
+      L->k_norm = vec(s, s->L[l].kn, 0, hd);
     }
-    L->wo = mat(s->L[l].wo, d, q, 0, d, rank * ql, ql);
-    L->ffn_norm = vec(s->L[l].ffn_norm, d);
-    L->w_gate = mat(s->L[l].wg, ff, d, rank * ffl, ffl, 0, d);
-    L->w_up = mat(s->L[l].wu, ff, d, rank * ffl, ffl, 0, d);
-    L->w_down = mat(s->L[l].wd, d, ff, 0, d, rank * ffl, ffl);
+    L->wo = mat(s, s->L[l].wo, d, q, 0, d, rank * ql, ql);
+    L->ffn_norm = vec(s, s->L[l].ffn_norm, 0, d);
+    L->w_gate = mat(s, s->L[l].wg, ff, d, rank * ffl, ffl, 0, d);
+    L->w_up = mat(s, s->L[l].wu, ff, d, rank * ffl, ffl, 0, d);
+    L->w_down = mat(s, s->L[l].wd, d, ff, 0, d, rank * ffl, ffl);
   }
   ts_err err = {0};
   CHECK_MSG(forward_scratch_create(m, &err) == 0, "%s", err.msg);
@@ -345,10 +389,14 @@ static void test_synthetic(backend *be) {
   struct {
     model_arch arch;
     int inter, llama3;
-  } cases[] = {{ARCH_LLAMA, 0, 0}, {ARCH_LLAMA, 1, 1}, {ARCH_QWEN2, 0, 0}, {ARCH_QWEN3, 0, 1}};
+    ts_dtype dt;
+  } cases[] = {{ARCH_LLAMA, 0, 0, TS_F32},
+               {ARCH_LLAMA, 1, 1, TS_BF16},
+               {ARCH_QWEN2, 0, 0, TS_F16},
+               {ARCH_QWEN3, 0, 1, TS_BF16}};
   for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
     syn_model s;
-    syn_init(&s, cases[ci].arch, cases[ci].inter, cases[ci].llama3);
+    syn_init(&s, cases[ci].arch, cases[ci].inter, cases[ci].llama3, cases[ci].dt);
     int V = s.c.vocab_size;
     /* Two sequences of different lengths, run in random chunks, interleaved in each step. */
     int len[2] = {rnd(20, 60), rnd(5, 40)};
