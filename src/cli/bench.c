@@ -9,17 +9,22 @@
 #include <string.h>
 #include <time.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "backend/backend.h"
 #include "cli/cli.h"
 #include "hub/hub.h"
 #include "model/model.h"
+#include "util/threadpool.h"
 
 #define BENCH_BLOCK 16
 
 typedef struct {
   const char *model, *device;
   long prompt, gen, batch, threads, warmup;
-  int json;
+  int json, membw;
 } bench_args;
 
 static void usage(FILE *f) {
@@ -35,7 +40,10 @@ static void usage(FILE *f) {
           "  --warmup N          untimed decode steps first (default 8)\n"
           "  --threads N         CPU threads, 0 = all cores (default 0)\n"
           "  --device D          cpu or cuda (default cpu)\n"
-          "  --json              print one JSON object instead of text\n");
+          "  --json              print one JSON object instead of text\n"
+          "\n"
+          "tessera bench --membw [--threads N] [--json] measures the memory read bandwidth\n"
+          "instead (the decode roofline is weight bytes per token / this).\n");
 }
 
 static double now_s(void) {
@@ -59,6 +67,10 @@ static int parse_args(int argc, char **argv, bench_args *a) {
     }
     if (!strcmp(f, "--json")) {
       a->json = 1;
+      continue;
+    }
+    if (!strcmp(f, "--membw")) {
+      a->membw = 1;
       continue;
     }
     if (f[0] != '-') {
@@ -98,7 +110,7 @@ static int parse_args(int argc, char **argv, bench_args *a) {
     }
     *dst = x;
   }
-  if (!a->model) {
+  if (!a->model && !a->membw) {
     fprintf(stderr, "tessera bench: missing MODEL (see --help)\n");
     return -1;
   }
@@ -223,12 +235,80 @@ done:
   return rc;
 }
 
+/* ---- memory read bandwidth ------------------------------------------------------------ */
+
+typedef struct {
+  const uint64_t *buf;
+  uint64_t sums[256]; /* one per thread, so the reads cannot be optimised away */
+} membw_job;
+
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) static uint64_t read_avx2(const uint64_t *p, int64_t n) {
+  __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
+  for (int64_t i = 0; i + 16 <= n; i += 16) {
+    a = _mm256_xor_si256(a, _mm256_load_si256((const __m256i *)(p + i)));
+    b = _mm256_xor_si256(b, _mm256_load_si256((const __m256i *)(p + i + 4)));
+    c = _mm256_xor_si256(c, _mm256_load_si256((const __m256i *)(p + i + 8)));
+    d = _mm256_xor_si256(d, _mm256_load_si256((const __m256i *)(p + i + 12)));
+  }
+  a = _mm256_xor_si256(_mm256_xor_si256(a, b), _mm256_xor_si256(c, d));
+  return (uint64_t)_mm256_extract_epi64(a, 0) ^ (uint64_t)_mm256_extract_epi64(a, 3);
+}
+#endif
+
+static void membw_chunk(void *arg, int64_t s, int64_t e, int thread) {
+  membw_job *j = arg;
+  /* s, e count 64-byte lines */
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx2")) {
+    j->sums[thread & 255] ^= read_avx2(j->buf + s * 8, (e - s) * 8);
+    return;
+  }
+#endif
+  uint64_t x = 0;
+  for (int64_t i = s * 8; i < e * 8; i++) x ^= j->buf[i];
+  j->sums[thread & 255] ^= x;
+}
+
+static int run_membw(const bench_args *a, ts_err *err) {
+  threadpool *pool = NULL;
+  int rc = threadpool_create(&pool, (int)a->threads, err);
+  if (rc < 0) return rc;
+  const size_t bytes = (size_t)1 << 30; /* far past any last-level cache */
+  void *mem = NULL;
+  if (posix_memalign(&mem, 64, bytes) != 0) {
+    threadpool_free(pool);
+    return ts_errorf(err, TS_ENOMEM, "cannot allocate %zu bytes for the bandwidth test", bytes);
+  }
+  membw_job j = {mem, {0}};
+  uint64_t *u = mem;
+  for (size_t i = 0; i < bytes / 8; i++) u[i] = i * 0x9E3779B97F4A7C15ull;
+  double best = 0;
+  for (int rep = 0; rep < 6; rep++) {
+    double t0 = now_s();
+    threadpool_parallel_for(pool, (int64_t)(bytes / 64), 1, membw_chunk, &j);
+    double dt = now_s() - t0;
+    if (rep > 0 && bytes / dt / 1e9 > best) best = bytes / dt / 1e9;
+  }
+  uint64_t chk = 0;
+  for (int i = 0; i < 256; i++) chk ^= j.sums[i];
+  if (a->json)
+    printf("{\"threads\":%d,\"bytes\":%zu,\"read_gb_s\":%.2f,\"check\":%llu}\n",
+           threadpool_size(pool), bytes, best, (unsigned long long)(chk & 1));
+  else
+    printf("memory read bandwidth: %.2f GB/s (%d threads, best of 5 passes over %zu MiB)\n",
+           best, threadpool_size(pool), bytes >> 20);
+  free(mem);
+  threadpool_free(pool);
+  return 0;
+}
+
 int cmd_bench(int argc, char **argv) {
   bench_args a;
   int rc = parse_args(argc, argv, &a);
   if (rc) return rc > 0 ? 0 : 2;
   ts_err err = {0};
-  if (run(&a, &err) < 0) {
+  if ((a.membw ? run_membw(&a, &err) : run(&a, &err)) < 0) {
     fprintf(stderr, "tessera bench: %s\n", err.msg[0] ? err.msg : ts_strerror(err.code));
     return 1;
   }

@@ -240,9 +240,26 @@ static int cpu_has_simd(void) {
   /* clang's __builtin_cpu_supports does not know "f16c": read CPUID leaf 1 (ECX bit 29). */
   unsigned a, b, c, d;
   int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c))
+    return CPU_ISA_SCALAR;
+  /* __builtin_cpu_supports also checks that the OS saves the zmm state. */
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
+    return CPU_ISA_AVX2;
+  return __builtin_cpu_supports("avx512vnni") ? CPU_ISA_VNNI : CPU_ISA_AVX512;
+#elif defined(__aarch64__)
+  return CPU_ISA_AVX2; /* NEON is part of every aarch64 CPU */
 #else
-  return 0;
+  return CPU_ISA_SCALAR;
+#endif
+}
+
+static const char *isa_name(int level) {
+#if defined(__aarch64__)
+  return level ? "neon" : "scalar";
+#else
+  static const char *names[] = {"scalar", "avx2/fma", "avx512", "avx512-vnni"};
+  return names[level];
 #endif
 }
 
@@ -259,6 +276,7 @@ static void cpu_destroy(backend *b) {
     free(c->rope_cos);
     free(c->rope_sin);
     free(c->scratch);
+    free(c->act);
     free(c);
   }
   free(b);
@@ -282,13 +300,19 @@ int backend_cpu_create(backend **out, int threads, ts_err *err) {
     return rc;
   }
   c->n_threads = threadpool_size(c->pool);
-  c->simd = cpu_has_simd();
-  LOG_I("cpu backend: %d threads, %s kernels", c->n_threads, c->simd ? "avx2/fma" : "scalar");
+  c->isa_max = c->simd = cpu_has_simd();
+  LOG_I("cpu backend: %d threads, %s kernels", c->n_threads, isa_name(c->simd));
   *out = b;
   return 0;
 }
 
 void cpu_backend_force_scalar(backend *b, int on) {
   cpu_ctx *c = b->ctx;
-  c->simd = on ? 0 : cpu_has_simd();
+  c->simd = on ? CPU_ISA_SCALAR : c->isa_max;
+}
+
+int cpu_backend_set_isa(backend *b, int level) {
+  cpu_ctx *c = b->ctx;
+  c->simd = level < c->isa_max ? (level < 0 ? 0 : level) : c->isa_max;
+  return c->simd;
 }

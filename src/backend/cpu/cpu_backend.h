@@ -10,10 +10,20 @@
 #include "backend/backend.h"
 #include "util/threadpool.h"
 
+/* Kernel levels, chosen at run time from what the CPU reports; each level also uses the ones
+ * below it. On aarch64 the one SIMD level is NEON. */
+enum {
+  CPU_ISA_SCALAR = 0, /* portable C, also what the tests compare against */
+  CPU_ISA_AVX2 = 1,   /* x86-64 AVX2 + FMA + F16C; aarch64: NEON */
+  CPU_ISA_AVX512 = 2, /* AVX-512 F/BW/VL/DQ */
+  CPU_ISA_VNNI = 3,   /* AVX-512 VNNI (int8 dot products of the quantized kernels) */
+};
+
 typedef struct {
   threadpool *pool;
   int n_threads;
-  int simd; /* 1: AVX2+FMA(+F16C) kernels; 0: portable scalar kernels */
+  int simd;     /* kernel level in use: CPU_ISA_SCALAR .. isa_max */
+  int isa_max;  /* best level this CPU supports */
 
   /* The staged step (step_begin). */
   int n_tokens;
@@ -38,12 +48,18 @@ typedef struct {
    * scores). Grown on demand from the calling thread before a parallel op. */
   float *scratch;
   size_t scratch_per_thread;
+
+  /* Activations quantized for the Q8_0/Q4_0 kernels, shared by the threads of one matmul. */
+  void *act;
+  size_t cap_act;
 } cpu_ctx;
 
 /* Creates the CPU backend with `threads` threads (0 = all cores). */
 int backend_cpu_create(backend **out, int threads, ts_err *err);
 /* Tests: force the portable kernels (on = 1) or re-enable SIMD when the CPU has it (on = 0). */
 void cpu_backend_force_scalar(backend *b, int on);
+/* Tests: use kernel level min(level, what the CPU has); returns the level in use. */
+int cpu_backend_set_isa(backend *b, int level);
 
 /* Makes sure every thread has at least n floats of scratch; returns 0 or TS_ENOMEM. */
 int cpu_scratch_reserve(cpu_ctx *c, size_t n);
@@ -64,6 +80,33 @@ static inline const void *cpu_weight_row(const ts_tensor *w, int64_t r) {
 float cpu_dot(const cpu_ctx *c, const float *a, const float *b, int64_t n);
 /* Whether the CPU kernels can read a weight of this dtype. */
 int cpu_dtype_supported(ts_dtype dt);
+
+/* One matmul y = x @ w^T (+ bias) as the row-range kernels see it. */
+typedef struct {
+  cpu_ctx *c;
+  const float *x; /* [n][k] */
+  const ts_tensor *w;
+  const ts_tensor *bias;
+  int64_t n, k, m;
+  float *y; /* [n][m] */
+} cpu_mm_args;
+
+/* AVX-512 kernels for F32/F16/BF16 weights (matmul_avx512.c): rows [r0, r1) of y. */
+int cpu_matmul_avx512_supports(ts_dtype dt);
+void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1);
+/* The whole matmul on the AVX-512 kernels; returns 0 (nothing done) when the level or the
+ * dtype does not allow it. */
+int cpu_matmul_avx512(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias,
+                      int n, float *y);
+
+/* Q8_0/Q4_0 weights with activations quantized on the fly (quant.c). */
+int cpu_quant_supported(ts_dtype dt);
+/* One row of k (a multiple of 32) activations to int8 blocks: d[b] = max|x| / 127 over block b,
+ * q = x / d rounded to nearest even.   x, q [k]; d [k/32] */
+void cpu_quantize_act(const float *x, int64_t k, int8_t *q, float *d);
+/* The whole matmul for a Q8_0/Q4_0 weight; returns 0 (nothing done) for other dtypes. */
+int cpu_matmul_quant(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias,
+                     int n, float *y);
 
 /* Op entry points (the backend_ops slots). */
 void cpu_matmul(void *ctx, const float *x, const ts_tensor *w, const ts_tensor *bias, int n,

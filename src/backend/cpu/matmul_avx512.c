@@ -1,0 +1,165 @@
+/* AVX-512 matmul for F32, F16 and BF16 weights, used in place (no float32 copy): a register tile
+ * of 4 weight rows x up to 6 tokens (24 zmm accumulators) that widens each 16-element slice of
+ * a weight row once and applies it to every token of the tile. Tokens are cache-blocked so a
+ * block of activations stays in L2 while the thread's weight rows stream through it; decoding B
+ * sequences therefore reads each weight once per step (for B up to the block size).
+ *
+ * Every (row, token) sum runs over k in the same 16-lane order with the same final reduction,
+ * whatever the tile shape or the batch around it, so a token's output does not depend on its
+ * neighbours (prefill = decode, bit for bit). */
+#include <string.h>
+
+#include "backend/cpu/cpu_backend.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define INL static inline __attribute__((always_inline))
+#define TILE_R 4
+#define TILE_T 6
+
+enum { W_F32, W_F16, W_BF16 };
+
+TGT INL __m512 load_w(int wt, const void *p, int64_t i) {
+  if (wt == W_F32) return _mm512_loadu_ps((const float *)p + i);
+  __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+  if (wt == W_F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+TGT INL __m512 load_w_mask(int wt, const void *p, int64_t i, __mmask16 m) {
+  if (wt == W_F32) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+  __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
+  if (wt == W_F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* out[t][r] = w[r] . x[t] for r < 4, t < T.   x [T][ldx] float; w[4] rows of k elements. */
+TGT INL void tile(int wt, int T, const void *const *w, const float *x, int64_t ldx, int64_t k,
+                  float out[TILE_T][TILE_R]) {
+  __m512 acc[TILE_R][TILE_T];
+#pragma GCC unroll 8
+  for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+    for (int r = 0; r < TILE_R; r++) acc[r][t] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    __m512 w0 = load_w(wt, w[0], i), w1 = load_w(wt, w[1], i);
+    __m512 w2 = load_w(wt, w[2], i), w3 = load_w(wt, w[3], i);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++) {
+      __m512 xv = _mm512_loadu_ps(x + t * ldx + i);
+      acc[0][t] = _mm512_fmadd_ps(w0, xv, acc[0][t]);
+      acc[1][t] = _mm512_fmadd_ps(w1, xv, acc[1][t]);
+      acc[2][t] = _mm512_fmadd_ps(w2, xv, acc[2][t]);
+      acc[3][t] = _mm512_fmadd_ps(w3, xv, acc[3][t]);
+    }
+  }
+  if (i < k) {
+    __mmask16 m = (__mmask16)((1u << (k - i)) - 1);
+    __m512 w0 = load_w_mask(wt, w[0], i, m), w1 = load_w_mask(wt, w[1], i, m);
+    __m512 w2 = load_w_mask(wt, w[2], i, m), w3 = load_w_mask(wt, w[3], i, m);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++) {
+      __m512 xv = _mm512_maskz_loadu_ps(m, x + t * ldx + i);
+      acc[0][t] = _mm512_fmadd_ps(w0, xv, acc[0][t]);
+      acc[1][t] = _mm512_fmadd_ps(w1, xv, acc[1][t]);
+      acc[2][t] = _mm512_fmadd_ps(w2, xv, acc[2][t]);
+      acc[3][t] = _mm512_fmadd_ps(w3, xv, acc[3][t]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < T; t++)
+#pragma GCC unroll 4
+    for (int r = 0; r < TILE_R; r++) out[t][r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+/* One instantiation per (weight type, tile width), so the accumulators live in registers. */
+#define TILE_FN(name, wt)                                                                     \
+  TGT static void name(int T, const void *const *w, const float *x, int64_t ldx, int64_t k,   \
+                       float out[TILE_T][TILE_R]) {                                           \
+    switch (T) {                                                                              \
+      case 1: tile(wt, 1, w, x, ldx, k, out); break;                                         \
+      case 2: tile(wt, 2, w, x, ldx, k, out); break;                                         \
+      case 3: tile(wt, 3, w, x, ldx, k, out); break;                                         \
+      case 4: tile(wt, 4, w, x, ldx, k, out); break;                                         \
+      case 5: tile(wt, 5, w, x, ldx, k, out); break;                                         \
+      default: tile(wt, 6, w, x, ldx, k, out); break;                                        \
+    }                                                                                         \
+  }
+TILE_FN(tile_f32, W_F32)
+TILE_FN(tile_f16, W_F16)
+TILE_FN(tile_bf16, W_BF16)
+
+typedef void (*tile_fn)(int, const void *const *, const float *, int64_t, int64_t,
+                        float[TILE_T][TILE_R]);
+
+int cpu_matmul_avx512_supports(ts_dtype dt) {
+  return dt == TS_F32 || dt == TS_F16 || dt == TS_BF16;
+}
+
+static void avx512_rows(void *arg, int64_t r0, int64_t r1, int thread) {
+  (void)thread;
+  cpu_matmul_avx512_rows(arg, r0, r1);
+}
+
+int cpu_matmul_avx512(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias,
+                      int n, float *y) {
+  if (c->simd < CPU_ISA_AVX512 || !cpu_matmul_avx512_supports(w->dtype)) return 0;
+  cpu_mm_args a = {c, x, w, bias, n, w->shape[1], w->shape[0], y};
+  /* 4-row tiles; at least 64 rows a thread so small matrices stay on one core. */
+  threadpool_parallel_for(c->pool, a.m, 64, avx512_rows, &a);
+  return 1;
+}
+
+void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1) {
+  const ts_tensor *W = a->w;
+  tile_fn fn = W->dtype == TS_F32 ? tile_f32 : W->dtype == TS_F16 ? tile_f16 : tile_bf16;
+  const int64_t k = a->k, m = a->m;
+  /* Token block: about 384 KiB of activations, a whole number of tiles. */
+  int64_t tb = (384 << 10) / (int64_t)(k * sizeof(float));
+  tb = tb < TILE_T ? TILE_T : tb - tb % TILE_T;
+  for (int64_t t0 = 0; t0 < a->n; t0 += tb) {
+    int64_t t1 = t0 + tb < a->n ? t0 + tb : a->n;
+    for (int64_t rb = r0; rb < r1; rb += TILE_R) {
+      int nr = (int)(r1 - rb < TILE_R ? r1 - rb : TILE_R);
+      const void *wr[TILE_R];
+      for (int r = 0; r < TILE_R; r++) wr[r] = cpu_weight_row(W, rb + (r < nr ? r : 0));
+      float bias[TILE_R] = {0};
+      if (a->bias && ts_tensor_present(a->bias))
+        cpu_row_to_f32(a->c, a->bias->dtype,
+                       (const char *)a->bias->data + ts_dtype_bytes(a->bias->dtype, rb), nr, bias);
+      for (int64_t t = t0; t < t1; t += TILE_T) {
+        int T = (int)(t1 - t < TILE_T ? t1 - t : TILE_T);
+        float out[TILE_T][TILE_R];
+        fn(T, wr, a->x + t * k, k, k, out);
+        for (int q = 0; q < T; q++) {
+          float *yq = a->y + (t + q) * m + rb;
+          for (int r = 0; r < nr; r++) yq[r] = out[q][r] + bias[r];
+        }
+      }
+    }
+  }
+}
+
+#else
+
+int cpu_matmul_avx512(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias,
+                      int n, float *y) {
+  (void)c, (void)x, (void)w, (void)bias, (void)n, (void)y;
+  return 0;
+}
+
+int cpu_matmul_avx512_supports(ts_dtype dt) {
+  (void)dt;
+  return 0;
+}
+
+void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1) {
+  (void)a;
+  (void)r0;
+  (void)r1;
+}
+
+#endif

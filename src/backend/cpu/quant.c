@@ -1,0 +1,318 @@
+/* Quantized matmul for GGUF Q8_0 and Q4_0 weights, read in place: the activations are quantized
+ * on the fly to blocks of 32 int8 with one float scale (d = max|x| / 127, q = round-to-even of
+ * x / d), and each block pair contributes d_w * d_x * sum(q_w * q_x) with an exact integer sum.
+ * Kernels: portable C, AVX2 (maddubs on |w| and sign-transferred x), AVX-512 VNNI (the same
+ * with vpdpbusd), NEON (widening multiplies). A register tile of 4 weight rows x up to 4 tokens
+ * unpacks each weight block once for every token of the tile; every (row, token) sum runs over
+ * the blocks in the same order whatever the tile, so a token's result does not depend on the
+ * batch around it. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cpu/cpu_backend.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define Q_X86 1
+#else
+#define Q_X86 0
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+#define QR 4 /* weight rows of a tile */
+#define QT 4 /* tokens of a tile */
+
+static float f16_le(const uint8_t *p) { return ts_f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
+
+int cpu_quant_supported(ts_dtype dt) { return dt == TS_Q8_0 || dt == TS_Q4_0; }
+
+void cpu_quantize_act(const float *x, int64_t k, int8_t *q, float *d) {
+  for (int64_t b = 0; b < k / 32; b++) {
+    const float *xb = x + b * 32;
+    float amax = 0;
+    for (int j = 0; j < 32; j++) amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax;
+    float db = amax / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
+    d[b] = db;
+    for (int j = 0; j < 32; j++) q[b * 32 + j] = (int8_t)nearbyintf(xb[j] * id);
+  }
+}
+
+/* The 32 signed weights of block b of a row, and its scale. */
+static float block_weights(ts_dtype dt, const uint8_t *row, int64_t b, int8_t w[32]) {
+  if (dt == TS_Q8_0) {
+    const uint8_t *p = row + b * 34;
+    memcpy(w, p + 2, 32);
+    return f16_le(p);
+  }
+  const uint8_t *p = row + b * 18;
+  for (int j = 0; j < 16; j++) {
+    w[j] = (int8_t)((p[2 + j] & 15) - 8);
+    w[j + 16] = (int8_t)((p[2 + j] >> 4) - 8);
+  }
+  return f16_le(p);
+}
+
+/* ---- tiles: out[t][r] = sum over blocks of d_w[r] * d_x[t] * (q_w[r] . q_x[t]) ------------- */
+
+typedef struct {
+  ts_dtype dt;
+  const uint8_t *w[QR]; /* weight rows */
+  const int8_t *xq;     /* [T][k] */
+  const float *xd;      /* [T][k/32] */
+  int64_t k;
+  int T;
+} qtile;
+
+static void tile_scalar(const qtile *a, float out[QT][QR]) {
+  const int64_t nb = a->k / 32;
+  for (int r = 0; r < QR; r++)
+    for (int t = 0; t < a->T; t++) out[t][r] = 0;
+  for (int64_t b = 0; b < nb; b++) {
+    for (int r = 0; r < QR; r++) {
+      int8_t w[32];
+      float dw = block_weights(a->dt, a->w[r], b, w);
+      for (int t = 0; t < a->T; t++) {
+        const int8_t *x = a->xq + t * a->k + b * 32;
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) s += (int32_t)w[j] * x[j];
+        out[t][r] += dw * a->xd[t * nb + b] * (float)s;
+      }
+    }
+  }
+}
+
+#if Q_X86
+#define INL static inline __attribute__((always_inline))
+
+/* 32 signed weights of block b in one ymm, and the block's scale broadcast. */
+#define LOAD_WBLOCK(dt, row, b, wv, dv)                                                         \
+  do {                                                                                          \
+    if ((dt) == TS_Q8_0) {                                                                      \
+      const uint8_t *p_ = (row) + (b) * 34;                                                     \
+      wv = _mm256_loadu_si256((const __m256i *)(p_ + 2));                                       \
+      dv = f16_le(p_);                                                                          \
+    } else {                                                                                    \
+      const uint8_t *p_ = (row) + (b) * 18;                                                     \
+      __m128i v_ = _mm_loadu_si128((const __m128i *)(p_ + 2));                                  \
+      __m128i lo_ = _mm_and_si128(v_, _mm_set1_epi8(15));                                       \
+      __m128i hi_ = _mm_and_si128(_mm_srli_epi16(v_, 4), _mm_set1_epi8(15));                    \
+      wv = _mm256_sub_epi8(_mm256_set_m128i(hi_, lo_), _mm256_set1_epi8(8));                    \
+      dv = f16_le(p_);                                                                          \
+    }                                                                                           \
+  } while (0)
+
+__attribute__((target("avx2,fma"))) INL float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+/* Sum of q_w * q_x over one block as 8 int32 lanes. |w| is unsigned, the sign moves onto x. */
+__attribute__((target("avx2,fma"))) INL __m256i dot_avx2(__m256i aw, __m256i sx) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
+}
+
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma"))) INL __m256i
+dot_vnni(__m256i aw, __m256i sx) {
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+}
+
+#define TILE_BODY(DOT, T)                                                                       \
+  do {                                                                                          \
+    const int64_t nb = a->k / 32;                                                               \
+    __m256 acc[QR][T];                                                                          \
+    _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++)                                        \
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();    \
+    for (int64_t b = 0; b < nb; b++) {                                                          \
+      __m256i xv[T];                                                                            \
+      __m256 xd[T];                                                                             \
+      _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {                                     \
+        xv[t] = _mm256_loadu_si256((const __m256i *)(a->xq + t * a->k + b * 32));               \
+        xd[t] = _mm256_set1_ps(a->xd[t * nb + b]);                                              \
+      }                                                                                         \
+      _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++) {                                    \
+        __m256i wv;                                                                             \
+        float dw;                                                                               \
+        LOAD_WBLOCK(a->dt, a->w[r], b, wv, dw);                                                 \
+        __m256i aw = _mm256_sign_epi8(wv, wv);                                                  \
+        __m256 dwv = _mm256_set1_ps(dw);                                                        \
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {                                   \
+          __m256i s = DOT(aw, _mm256_sign_epi8(xv[t], wv));                                     \
+          acc[r][t] =                                                                           \
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dwv, xd[t]), acc[r][t]);     \
+        }                                                                                       \
+      }                                                                                         \
+    }                                                                                           \
+    _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++)                                        \
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) out[t][r] = hsum8(acc[r][t]);       \
+  } while (0)
+
+/* AVX2 has 16 ymm registers: tiles of up to 2 tokens. */
+__attribute__((target("avx2,fma"))) static void tile_avx2_1(const qtile *a, float out[QT][QR]) {
+  TILE_BODY(dot_avx2, 1);
+}
+__attribute__((target("avx2,fma"))) static void tile_avx2_2(const qtile *a, float out[QT][QR]) {
+  TILE_BODY(dot_avx2, 2);
+}
+
+#define VNNI_TGT __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma")))
+VNNI_TGT static void tile_vnni_1(const qtile *a, float out[QT][QR]) { TILE_BODY(dot_vnni, 1); }
+VNNI_TGT static void tile_vnni_2(const qtile *a, float out[QT][QR]) { TILE_BODY(dot_vnni, 2); }
+VNNI_TGT static void tile_vnni_3(const qtile *a, float out[QT][QR]) { TILE_BODY(dot_vnni, 3); }
+VNNI_TGT static void tile_vnni_4(const qtile *a, float out[QT][QR]) { TILE_BODY(dot_vnni, 4); }
+#endif
+
+#if defined(__aarch64__)
+static void tile_neon(const qtile *a, float out[QT][QR]) {
+  const int64_t nb = a->k / 32;
+  float32x4_t acc[QR][QT];
+  for (int r = 0; r < QR; r++)
+    for (int t = 0; t < QT; t++) acc[r][t] = vdupq_n_f32(0);
+  for (int64_t b = 0; b < nb; b++) {
+    for (int r = 0; r < QR; r++) {
+      int8x16_t w0, w1;
+      float dw;
+      if (a->dt == TS_Q8_0) {
+        const uint8_t *p = a->w[r] + b * 34;
+        w0 = vld1q_s8((const int8_t *)p + 2);
+        w1 = vld1q_s8((const int8_t *)p + 18);
+        dw = f16_le(p);
+      } else {
+        const uint8_t *p = a->w[r] + b * 18;
+        uint8x16_t v = vld1q_u8(p + 2);
+        w0 = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15))), vdupq_n_s8(8));
+        w1 = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), vdupq_n_s8(8));
+        dw = f16_le(p);
+      }
+      for (int t = 0; t < a->T; t++) {
+        const int8_t *x = a->xq + t * a->k + b * 32;
+        int8x16_t x0 = vld1q_s8(x), x1 = vld1q_s8(x + 16);
+        int16x8_t p0 = vmull_s8(vget_low_s8(w0), vget_low_s8(x0));
+        p0 = vmlal_s8(p0, vget_high_s8(w0), vget_high_s8(x0));
+        int16x8_t p1 = vmull_s8(vget_low_s8(w1), vget_low_s8(x1));
+        p1 = vmlal_s8(p1, vget_high_s8(w1), vget_high_s8(x1));
+        int32x4_t s = vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
+        acc[r][t] = vmlaq_n_f32(acc[r][t], vcvtq_f32_s32(s), dw * a->xd[t * nb + b]);
+      }
+    }
+  }
+  for (int r = 0; r < QR; r++)
+    for (int t = 0; t < a->T; t++) out[t][r] = vaddvq_f32(acc[r][t]);
+}
+#endif
+
+/* ---- the matmul ------------------------------------------------------------------------- */
+
+typedef struct {
+  cpu_ctx *c;
+  const ts_tensor *w, *bias;
+  const int8_t *xq; /* [n][k] */
+  const float *xd;  /* [n][k/32] */
+  const float *x;   /* [n][k] float activations (quantized by the first parallel pass) */
+  int64_t n, k, m;
+  float *y; /* [n][m] */
+} qmm_job;
+
+static void quantize_rows(void *arg, int64_t t0, int64_t t1, int thread) {
+  (void)thread;
+  qmm_job *j = arg;
+  for (int64_t t = t0; t < t1; t++)
+    cpu_quantize_act(j->x + t * j->k, j->k, (int8_t *)j->xq + t * j->k,
+                     (float *)j->xd + t * (j->k / 32));
+}
+
+static void run_tile(const cpu_ctx *c, qtile *a, float out[QT][QR]) {
+#if Q_X86
+  if (c->simd >= CPU_ISA_VNNI) {
+    switch (a->T) {
+      case 1: tile_vnni_1(a, out); return;
+      case 2: tile_vnni_2(a, out); return;
+      case 3: tile_vnni_3(a, out); return;
+      default: tile_vnni_4(a, out); return;
+    }
+  }
+  if (c->simd >= CPU_ISA_AVX2) {
+    if (a->T <= 2) {
+      (a->T == 1 ? tile_avx2_1 : tile_avx2_2)(a, out);
+      return;
+    }
+    /* Two passes of two tokens; each (row, token) still sums in the same order. */
+    float o2[QT][QR];
+    qtile b = *a;
+    b.T = 2;
+    tile_avx2_2(&b, out);
+    b.T = a->T - 2;
+    b.xq = a->xq + 2 * a->k;
+    b.xd = a->xd + 2 * (a->k / 32);
+    (b.T == 1 ? tile_avx2_1 : tile_avx2_2)(&b, o2);
+    for (int t = 0; t < b.T; t++) memcpy(out[2 + t], o2[t], sizeof o2[t]);
+    return;
+  }
+#elif defined(__aarch64__)
+  if (c->simd >= CPU_ISA_AVX2) {
+    tile_neon(a, out);
+    return;
+  }
+#endif
+  (void)c;
+  tile_scalar(a, out);
+}
+
+static void qmm_rows(void *arg, int64_t r0, int64_t r1, int thread) {
+  (void)thread;
+  qmm_job *j = arg;
+  const int64_t k = j->k, m = j->m, nb = k / 32;
+  /* Token block: about 256 KiB of quantized activations, a whole number of tiles. */
+  int64_t tb = (256 << 10) / k;
+  tb = tb < QT ? QT : tb - tb % QT;
+  for (int64_t t0 = 0; t0 < j->n; t0 += tb) {
+    int64_t t1 = t0 + tb < j->n ? t0 + tb : j->n;
+    for (int64_t rb = r0; rb < r1; rb += QR) {
+      int nr = (int)(r1 - rb < QR ? r1 - rb : QR);
+      qtile a = {.dt = j->w->dtype, .k = k};
+      for (int r = 0; r < QR; r++) a.w[r] = cpu_weight_row(j->w, rb + (r < nr ? r : 0));
+      float bias[QR] = {0};
+      if (j->bias && ts_tensor_present(j->bias))
+        cpu_row_to_f32(j->c, j->bias->dtype,
+                       (const char *)j->bias->data + ts_dtype_bytes(j->bias->dtype, rb), nr, bias);
+      for (int64_t t = t0; t < t1; t += QT) {
+        a.T = (int)(t1 - t < QT ? t1 - t : QT);
+        a.xq = j->xq + t * k;
+        a.xd = j->xd + t * nb;
+        float out[QT][QR];
+        run_tile(j->c, &a, out);
+        for (int q = 0; q < a.T; q++) {
+          float *yq = j->y + (t + q) * m + rb;
+          for (int r = 0; r < nr; r++) yq[r] = out[q][r] + bias[r];
+        }
+      }
+    }
+  }
+}
+
+int cpu_matmul_quant(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias,
+                     int n, float *y) {
+  if (!cpu_quant_supported(w->dtype)) return 0;
+  qmm_job j = {c, w, bias, NULL, NULL, x, n, w->shape[1], w->shape[0], y};
+  /* Activations: n*k int8 then n*k/32 scales, in the context's buffer shared by all threads. */
+  size_t need = (size_t)n * (size_t)j.k + (size_t)n * (size_t)(j.k / 32) * sizeof(float) + 64;
+  if (need > c->cap_act) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, need) != 0) {
+      for (size_t i = 0; i < (size_t)n * (size_t)j.m; i++) y[i] = NAN;
+      return 1;
+    }
+    free(c->act);
+    c->act = p;
+    c->cap_act = need;
+  }
+  j.xq = c->act;
+  j.xd = (const float *)((char *)c->act + (((size_t)n * (size_t)j.k + 63) & ~(size_t)63));
+  threadpool_parallel_for(c->pool, n, 16, quantize_rows, &j);
+  threadpool_parallel_for(c->pool, j.m, 64, qmm_rows, &j);
+  return 1;
+}
