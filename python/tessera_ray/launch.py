@@ -22,7 +22,7 @@ EXIT_WORKER = 3
 PROGRESS_EVERY_S = 5.0
 CONNECT_TIMEOUT_S = 3.0
 INIT_TIMEOUT_S = 30.0
-STOP_GRACE_S = 3.0
+STOP_GRACE_S = 2.0  # the driver allows the launcher 5 s to stop before it signals
 
 
 class LaunchError(Exception):
@@ -410,7 +410,7 @@ class Launcher:
         if self.actors:
             try:
                 ray.wait([h.stop.remote(STOP_GRACE_S) for h in self.actors],
-                         num_returns=len(self.actors), timeout=STOP_GRACE_S * 2 + 1)
+                         num_returns=len(self.actors), timeout=STOP_GRACE_S + 1)
             except Exception:
                 pass
             for h in self.actors:
@@ -482,11 +482,17 @@ def main(argv=None):
         launcher.stop.set()
 
     threading.Thread(target=on_stdin_eof, daemon=True).start()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: launcher.stop.set())
+    def quiet_stop():
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: launcher.stop.set())
+
+    quiet_stop()
     code = 0
     try:
         launcher.connect()
+        # Ray's core worker installs its own SIGTERM handler (a stack dump, then death); a
+        # signal from the driver means "stop", which teardown does quietly.
+        quiet_stop()
         placed = launcher.place()
         launcher.check_addresses(placed)
         launcher.start_workers(placed)

@@ -483,3 +483,28 @@ def test_serve_restarts_workers_on_ray(cluster, tessera, uni_reference):
     finally:
         s.stop()
     wait_until(lambda: not tessera_workers(cluster), 40, "the workers to stop with the server")
+
+
+def test_serve_survives_no_hang_when_a_node_vanishes(cluster, tessera, uni_reference):
+    """Last in this file: it cuts node 1 off the network. The driver must notice the silent
+    worker (ping timeout), fail, and exit on its own: nothing waits forever on the lost node."""
+    model = uni_reference[0]
+    s = NsServe(cluster, tessera, model, "--tensor-parallel-size", 2,
+                "--ray-placement-strategy", "SPREAD", "--ray-placement-timeout", 30)
+    try:
+        m = re.search(r"ray executor: rank (\d) -> node %s," % re.escape(cluster.ips[1]),
+                      s.text())
+        assert m, s.text()
+        lost = int(m.group(1))
+        netns.sh("ip", "-n", cluster.ns[1], "link", "set", "eth0", "down")
+        try:
+            code = s.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("tessera serve hung after losing a node:\n" + s.text())
+        assert code != 0
+        assert "worker rank %d on %s" % (lost, cluster.ips[1]) in s.text(), s.text()
+        # The launcher stopped within the driver's grace period, not by a signal's stack dump.
+        assert "SIGTERM received" not in s.text(), s.text()
+    finally:
+        s.stop()
+        netns.sh("ip", "-n", cluster.ns[1], "link", "set", "eth0", "up", check=False)
