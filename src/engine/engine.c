@@ -307,6 +307,61 @@ static int kv_epoch_sync(engine *e) {
   return 1;
 }
 
+/* Runs the step's plan b. With a pipelined executor (P stages), the step's sequences are cut
+ * into up to P micro-batches of about equal tokens that are all submitted before the first is
+ * collected, so every stage works at once; each micro-batch is a view of b with its own rebased
+ * seq_start and logits rows, and writes its logits at its first row of e->logits. */
+static int run_step(engine *e, const ts_batch *b, ts_err *err) {
+  executor *ex = e->ex;
+  int P = ex->pipe ? ex->info.max_inflight : 1;
+  if (P > b->n_seqs) P = b->n_seqs;
+  int32_t *starts = P > 1 ? malloc((size_t)(b->n_seqs + P) * sizeof *starts) : NULL;
+  int32_t *rows = P > 1 ? malloc(((size_t)b->n_logits + 1) * sizeof *rows) : NULL;
+  if (!starts || !rows) {
+    free(starts);
+    free(rows);
+    return executor_execute_step(ex, e->step_id++, b, e->logits, err);
+  }
+  int rc = 0, submitted = 0, j = 0, lr = 0;
+  size_t first_row[64];
+  if (P > 64) P = 64;
+  int32_t *st = starts, *rw = rows;
+  for (int g = 0; g < P && j < b->n_seqs; g++) {
+    /* Sequences [j, j1): about an equal share of the tokens left, at least one sequence. */
+    int left_tok = b->n_tokens - b->seq_start[j], share = left_tok / (P - g);
+    int j1 = j + 1;
+    while (j1 < b->n_seqs - (P - g - 1) && b->seq_start[j1] - b->seq_start[j] < share) j1++;
+    if (g == P - 1) j1 = b->n_seqs;
+    int t0 = b->seq_start[j], t1 = b->seq_start[j1], ns = j1 - j;
+    for (int k = 0; k <= ns; k++) st[k] = b->seq_start[j + k] - t0;
+    int nl = 0;
+    first_row[g] = (size_t)lr;
+    while (lr < b->n_logits && b->logits_rows[lr] < t1) rw[nl++] = b->logits_rows[lr++] - t0;
+    ts_batch mb = {.n_tokens = t1 - t0, .tokens = b->tokens + t0, .pos = b->pos + t0,
+                   .n_seqs = ns, .seq_start = st, .ctx_len = b->ctx_len + j,
+                   .max_blocks = b->max_blocks,
+                   .block_table = b->block_table + (size_t)j * b->max_blocks,
+                   .n_logits = nl, .logits_rows = rw};
+    rc = executor_submit_step(ex, e->step_id++, &mb, err);
+    if (rc < 0) break;
+    submitted++;
+    st += ns + 1;
+    rw += nl;
+    j = j1;
+  }
+  /* Every submitted micro-batch is collected, failed or not, so none is left outstanding. */
+  for (int g = 0; g < submitted; g++) {
+    ts_err e2;
+    ts_err_clear(&e2);
+    int r2 = executor_collect_step(ex, NULL, e->logits + first_row[g] * (size_t)e->vocab,
+                                   rc < 0 ? &e2 : err);
+    if (r2 < 0 && rc == 0) rc = r2;
+  }
+  free(starts);
+  free(rows);
+  return rc;
+}
+
 static void engine_step(engine *e) {
   scheduler *sc = &e->sched;
   if (kv_epoch_sync(e)) return;
@@ -331,7 +386,7 @@ static void engine_step(engine *e) {
   build_batch(e, &b);
   ts_err err;
   ts_err_clear(&err);
-  int rc = executor_execute_step(e->ex, e->step_id++, &b, e->logits, &err);
+  int rc = run_step(e, &b, &err);
   if (rc < 0) {
     LOG_E("engine: step failed: %s", err.msg);
     /* Every request in the failed step ends with the error; the cache contents of its blocks are
