@@ -19,7 +19,8 @@
   X(LENGTH, "length") X(LIST, "list") X(LOWER, "lower") X(MAP, "map") X(REJECT, "reject")                 \
   X(REJECTATTR, "rejectattr") X(REPLACE, "replace") X(REVERSE, "reverse") X(SAFE, "safe")                 \
   X(SELECT, "select") X(SELECTATTR, "selectattr") X(STRING, "string") X(SUM, "sum") X(TITLE, "title")     \
-  X(TOJSON, "tojson") X(TRIM, "trim") X(UPPER, "upper")
+  X(TOJSON, "tojson") X(TRIM, "trim") X(UPPER, "upper") X(SORT, "sort") X(DICTSORT, "dictsort")          \
+  X(UNIQUE, "unique") X(INDENT, "indent")
 
 #define TESTS(X)                                                                                         \
   X(BOOLEAN, "boolean") X(CALLABLE, "callable") X(DEFINED, "defined") X(DIVISIBLEBY, "divisibleby")       \
@@ -121,9 +122,8 @@ int jinja_method_id(const jv *self, const char *name, size_t n) {
 
 /* ---- helpers ---- */
 
-/* Binds positional then keyword arguments to named slots; NULL where not given. */
-static int bind(jrender *r, int line, const char *what, const jargs *a, const char *const *names, int n,
-                const jv **slots) {
+int jinja_bind_args(jrender *r, int line, const char *what, const jargs *a, const char *const *names, int n,
+                    const jv **slots) {
   for (int i = 0; i < n; i++) slots[i] = NULL;
   if (a->npos > (size_t)n) return jr_fail(r, line, "%s got too many arguments", what);
   for (size_t i = 0; i < a->npos; i++) slots[i] = &a->pos[i];
@@ -137,6 +137,8 @@ static int bind(jrender *r, int line, const char *what, const jargs *a, const ch
   }
   return 0;
 }
+
+#define bind jinja_bind_args
 
 static int mkstr(jrender *r, int line, const char *s, size_t n, jv *out) {
   if (jv_str(&r->arena, s, n, out) < 0) return jr_oom(r, line);
@@ -483,8 +485,7 @@ static int len_of(jrender *r, int line, const jv *v, int64_t *out) {
   }
 }
 
-/* jinja2's attribute getter: "a.b.0" walks items (getitem), integer parts as indices. */
-static int attr_get(jrender *r, int line, jv item, const jstr *attr, jv *out) {
+int jinja_attr_get(jrender *r, int line, jv item, const jstr *attr, jv *out) {
   const char *p = attr->s, *end = attr->s + attr->len;
   *out = item;
   while (p <= end) {
@@ -533,7 +534,7 @@ static int select_items(jrender *r, int line, jv seq, const jargs *a, int use_at
   jargs targs = {.pos = a->pos + k, .npos = a->npos - k};
   for (size_t i = 0; i < items->n; i++) {
     jv v = items->v[i];
-    if (attr) TS_TRY(attr_get(r, line, v, attr, &v));
+    if (attr) TS_TRY(jinja_attr_get(r, line, v, attr, &v));
     int res_ok;
     if (test >= 0) TS_TRY(jinja_apply_test(r, line, test, v, &targs, &res_ok));
     else res_ok = jv_truthy(&v);
@@ -587,7 +588,7 @@ static int f_join(jrender *r, int line, jv in, const jargs *a, jv *out) {
   for (size_t i = 0; i < items->n; i++) {
     jv v = items->v[i];
     if (attr) {
-      int rc = attr_get(r, line, v, attr, &v);
+      int rc = jinja_attr_get(r, line, v, attr, &v);
       if (rc < 0) {
         jbuf_free(&b);
         return rc;
@@ -619,7 +620,7 @@ static int f_map(jrender *r, int line, jv in, const jargs *a, jv *out) {
     if (a->npos) return jr_fail(r, line, "filter 'map' takes no positional arguments with attribute=");
     for (size_t i = 0; i < items->n; i++) {
       jv v;
-      TS_TRY(attr_get(r, line, items->v[i], attr, &v));
+      TS_TRY(jinja_attr_get(r, line, items->v[i], attr, &v));
       if (v.kind == JV_UNDEF && dflt) v = *dflt;
       res->v[res->n++] = v;
     }
@@ -728,6 +729,8 @@ int jinja_apply_filter(jrender *r, int line, int id, jv in, const jargs *a, jv *
   case F_SELECTATTR: return select_items(r, line, in, a, 1, 1, out);
   case F_REJECTATTR: return select_items(r, line, in, a, 1, 0, out);
   case F_FIRST: return f_first_last(r, line, in, 0, out);
+  case F_SORT: case F_DICTSORT: case F_UNIQUE: case F_INDENT:
+    return jinja_filter_sorting(r, line, id == F_SORT ? 0 : id == F_DICTSORT ? 1 : id == F_UNIQUE ? 2 : 3, in, a, out);
   case F_LAST: return f_first_last(r, line, in, 1, out);
   default: break;
   }
@@ -852,7 +855,7 @@ int jinja_apply_filter(jrender *r, int line, int id, jv in, const jargs *a, jv *
       jv v = items->v[i];
       if (s[0] && s[0]->kind != JV_NONE) {
         TS_TRY(need_str(r, line, "attribute", s[0]));
-        TS_TRY(attr_get(r, line, v, s[0]->u.s, &v));
+        TS_TRY(jinja_attr_get(r, line, v, s[0]->u.s, &v));
       }
       if (!jv_is_number(&acc) || !jv_is_number(&v))
         return jr_fail(r, line, "unsupported operand type(s) for +: '%s' and '%s'", jv_type_name(&acc), jv_type_name(&v));

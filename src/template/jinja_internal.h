@@ -263,6 +263,13 @@ typedef struct {
 } jargs;
 
 int jinja_apply_filter(jrender *r, int line, int id, jv in, const jargs *a, jv *out);
+/* Binds positional then keyword arguments to named slots (NULL where not given). */
+int jinja_bind_args(jrender *r, int line, const char *what, const jargs *a, const char *const *names, int n,
+                    const jv **slots);
+/* jinja2's attribute getter for map/join/sort: "a.b.0" walks items, integer parts as indices. */
+int jinja_attr_get(jrender *r, int line, jv item, const jstr *attr, jv *out);
+/* sort (0), dictsort (1), unique (2) and indent (3), in jinja_sort.c. */
+int jinja_filter_sorting(jrender *r, int line, int which, jv in, const jargs *a, jv *out);
 int jinja_apply_test(jrender *r, int line, int id, jv in, const jargs *a, int *out);
 int jinja_call_global(jrender *r, int line, int id, const jargs *a, jv *out);
 int jinja_call_method(jrender *r, int line, const jfunc *f, const jargs *a, jv *out);

@@ -52,6 +52,8 @@ _COMPILED = {}
 
 
 def py_render(template, context):
+    # A fresh copy each time: some jinja2 filters mutate their input (indent on a list extends it).
+    context = json.loads(json.dumps(context))
     try:
         if template not in _COMPILED:
             _COMPILED[template] = ENV.from_string(template)
@@ -328,6 +330,15 @@ CONSTRUCTS = [
      "{{ xs | sum }} {{ xs | map('string') | join('+') }}", {"xs": [1, 2, 3]}),
     ("{{ 'hello world-wide (x)' | title }} {{ 'hELLO' | capitalize }} {{ 'MiX' | lower }} {{ 'MiX' | upper }} "
      "{{ 'aaa' | replace('a', 'bb', 2) }} {{ -3 | abs }} {{ '<b>' | safe }}", {}),
+    ("{{ xs | sort | list }} {{ xs | sort(reverse=true) }} {{ xs | sort(case_sensitive=true) }} {{ users | sort(attribute='age') "
+     "| map(attribute='name') | join }} {{ users | sort(attribute='name', reverse=true) | map(attribute='age') | list }} "
+     "{{ [3, 1.5, 2, true] | sort }} {{ d | dictsort }} {{ d | dictsort(by='value', reverse=true) }} "
+     "{{ xs | unique | list }} {{ xs | unique(case_sensitive=true) | list }} {{ users | unique(attribute='age') | list | length }}",
+     {"xs": ["b", "B", "a", "C", "a"], "d": {"b": 2, "A": 3, "c": 1},
+      "users": [{"name": "x", "age": 3}, {"name": "Y", "age": 1}, {"name": "z", "age": 3}]}),
+    ("{{ s | indent }}|{{ s | indent(2, true) }}|{{ s | indent('> ', blank=true) }}|{{ '' | indent }}|{{ 'a\n' | indent }}|"
+     "{{ t | tojson(indent=2) | indent(4) }}", {"s": "one\n\ntwo\r\nthree", "t": {"a": [1, 2]}}),
+    ("{{ [1, 'a'] | sort }}", {}),
     ("{{ builtin_tools | reject('equalto', 'code_interpreter') | join(', ') }}",
      {"builtin_tools": ["code_interpreter", "brave_search", "wolfram_alpha"]}),
     # tests
@@ -435,7 +446,7 @@ EXPR_VARS = {"x": 3, "y": -2, "f": 1.5, "g": 0.1, "s": "Hello World", "t": "  pa
 ATOMS = ["0", "1", "2", "7", "-3", "0.5", "2.0", "-1.25", "1e3", "'a'", "'héllo'", "''", "' x '", "\"it's\"",
          "none", "true", "false", "[1, 2]", "['a', 'b']", "{'k': 1}", "(1, 'a')", "u"] + list(EXPR_VARS)
 BINOPS = ["+", "-", "*", "/", "//", "%", "~", "==", "!=", "<", "<=", ">", ">=", "in", "not in", "and", "or"]
-FILTERS = ["length", "string", "upper", "lower", "trim", "first", "last", "list", "join(',')", "tojson", "int",
+FILTERS = ["sort", "unique | list", "sort(reverse=true)", "dictsort", "indent(2)", "length", "string", "upper", "lower", "trim", "first", "last", "list", "join(',')", "tojson", "int",
            "float", "default('z')", "reverse | list", "abs", "capitalize", "title", "items | list", "count", "sum",
            "d('z', true)", "tojson(indent=2)", "map('string') | list", "select('odd') | list", "reject | list",
            "join", "trim('x')", "replace('l', 'L')", "string | length", "map(attribute='a') | list"]
