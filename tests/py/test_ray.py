@@ -71,7 +71,8 @@ def cluster(tmp_path_factory):
     if why:
         pytest.skip(why)
     # A short temp dir: Ray's unix sockets live under it and their paths must stay < 108 bytes.
-    c = netns.RayCluster([{"tessera_cpu": 1}, {"tessera_cpu": 1, "ts_pack": PACK_UNITS}],
+    c = netns.RayCluster([{"tessera_cpu": 1, "ts_head": 1},
+                          {"tessera_cpu": 1, "ts_pack": PACK_UNITS}],
                          tempfile.mkdtemp(prefix="tsray", dir="/tmp"))
     try:
         c.start()
@@ -309,6 +310,24 @@ def test_address_mismatch(cluster, tmp_path):
     assert "Ray knows this node as %s" % cluster.ips[0] in err
     assert "TESSERA_HOST_IP=%s" % cluster.ips[0] in err
     assert "cannot reach 127.0.0.1" in err
+
+
+def test_address_mismatch_is_a_warning_when_every_worker_is_local(cluster, tmp_path):
+    # ts_head exists only on the head, where the launcher runs: loopback reaches the worker.
+    la = Launch(cluster, tmp_path, 1, key="ts_head", extra_env={"TESSERA_HOST_IP": "127.0.0.1"},
+                driver="127.0.0.1:40000")
+    try:
+        placed = la.wait_ready()
+        assert placed == {0: (cluster.ips[0], "0")}
+        err = la.stderr()
+        assert ("tessera's address for this node is 127.0.0.1 (from TESSERA_HOST_IP; the driver "
+                "listens on 127.0.0.1) but Ray knows this node as %s: set TESSERA_HOST_IP=%s"
+                % (cluster.ips[0], cluster.ips[0])) in err, err
+        assert "cannot reach" not in err
+    finally:
+        la.close_stdin()
+        la.finish()
+        la.kill()
 
 
 def test_ray_not_installed(cluster, tmp_path):
