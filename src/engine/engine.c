@@ -20,6 +20,7 @@
 #include "util/log.h"
 
 #define ENGINE_MAX_EOS 16
+#define ENGINE_MAX_MICRO 64 /* micro-batches of one step on a pipelined executor */
 
 typedef struct {
   engine_req *req;
@@ -47,6 +48,8 @@ struct engine {
   int32_t *b_logits_rows; /* [max_num_seqs] */
   float *logits;          /* [max_num_seqs][vocab] */
   engine_seq **done;      /* [max_num_seqs] copy of the step's sequences */
+  int32_t *mb_starts;     /* [max_num_seqs + ENGINE_MAX_MICRO] micro-batch seq_start arrays */
+  int32_t *mb_rows;       /* [max_num_seqs] micro-batch logits rows */
   char step_error[TS_ERR_MSG_MAX];
   pending_event *events;  /* [cap_events] */
   int n_events, cap_events;
@@ -315,17 +318,11 @@ static int run_step(engine *e, const ts_batch *b, ts_err *err) {
   executor *ex = e->ex;
   int P = ex->pipe ? ex->info.max_inflight : 1;
   if (P > b->n_seqs) P = b->n_seqs;
-  int32_t *starts = P > 1 ? malloc((size_t)(b->n_seqs + P) * sizeof *starts) : NULL;
-  int32_t *rows = P > 1 ? malloc(((size_t)b->n_logits + 1) * sizeof *rows) : NULL;
-  if (!starts || !rows) {
-    free(starts);
-    free(rows);
-    return executor_execute_step(ex, e->step_id++, b, e->logits, err);
-  }
+  if (P > ENGINE_MAX_MICRO) P = ENGINE_MAX_MICRO;
+  if (P <= 1) return executor_execute_step(ex, e->step_id++, b, e->logits, err);
   int rc = 0, submitted = 0, j = 0, lr = 0;
-  size_t first_row[64];
-  if (P > 64) P = 64;
-  int32_t *st = starts, *rw = rows;
+  size_t first_row[ENGINE_MAX_MICRO];
+  int32_t *st = e->mb_starts, *rw = e->mb_rows;
   for (int g = 0; g < P && j < b->n_seqs; g++) {
     /* Sequences [j, j1): about an equal share of the tokens left, at least one sequence. */
     int left_tok = b->n_tokens - b->seq_start[j], share = left_tok / (P - g);
@@ -357,8 +354,6 @@ static int run_step(engine *e, const ts_batch *b, ts_err *err) {
                                    rc < 0 ? &e2 : err);
     if (r2 < 0 && rc == 0) rc = r2;
   }
-  free(starts);
-  free(rows);
   return rc;
 }
 
@@ -575,13 +570,16 @@ int engine_create_with_executor(engine **out, executor *ex, const tokenizer *tok
   e->b_logits_rows = malloc(ns * sizeof *e->b_logits_rows);
   e->logits = malloc(ns * (size_t)e->vocab * sizeof *e->logits);
   e->done = malloc(ns * sizeof *e->done);
+  e->mb_starts = malloc((ns + ENGINE_MAX_MICRO) * sizeof *e->mb_starts);
+  e->mb_rows = malloc((ns + 1) * sizeof *e->mb_rows);
   rc = block_manager_create(&e->bm, n_blocks, cfg.block_size, cfg.enable_prefix_caching, err);
   if (rc == 0) {
     scheduler_config sc = {cfg.max_num_seqs, cfg.max_num_batched_tokens};
     rc = scheduler_init(&e->sched, &sc, e->bm, err);
   }
   if (rc == 0 && (!e->b_tokens || !e->b_pos || !e->b_seq_start || !e->b_ctx_len ||
-                  !e->b_block_table || !e->b_logits_rows || !e->logits || !e->done))
+                  !e->b_block_table || !e->b_logits_rows || !e->logits || !e->done || !e->mb_starts ||
+                  !e->mb_rows))
     rc = ts_errorf(err, TS_ENOMEM, "engine: out of memory for step buffers");
   if (rc == 0) {
     pthread_mutex_init(&e->mu, NULL);
@@ -640,6 +638,8 @@ void engine_destroy(engine *e) {
   free(e->b_logits_rows);
   free(e->logits);
   free(e->done);
+  free(e->mb_starts);
+  free(e->mb_rows);
   free(e->events);
   free(e->cancels);
   free(e);
