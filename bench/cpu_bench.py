@@ -113,7 +113,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("llama_bin_dir")
     ap.add_argument("--tessera", default=str(ROOT / "build" / "tessera"))
-    ap.add_argument("--models-dir", default=str(ROOT / "bench" / "models"))
+    ap.add_argument("--models-dir", default=str(ROOT / "build-bench-models"))
     ap.add_argument("--models", default="qwen3-0.6b,llama-3.2-1b")
     ap.add_argument("--types", default="bf16,q8_0,q4_0")
     ap.add_argument("--threads", type=int, default=os.cpu_count())

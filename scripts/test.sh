@@ -26,6 +26,9 @@ for f in build-asan/fuzz_*; do
     "${args[@]}" 2>&1 | tail -n 2
 done
 
+echo "== aarch64 CPU kernels (NEON) under qemu =="
+bash scripts/cross-aarch64.sh build-aarch64
+
 echo "== unit tests =="
 ctest --test-dir build --output-on-failure -j"$(nproc)"
 echo "== black-box tests =="

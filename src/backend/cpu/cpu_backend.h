@@ -99,6 +99,10 @@ void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1);
 int cpu_matmul_avx512(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias,
                       int n, float *y);
 
+/* aarch64 NEON kernels for F32/F16/BF16 weights (matmul_neon.c); 0 when not handled. */
+int cpu_matmul_neon(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias, int n,
+                    float *y);
+
 /* Q8_0/Q4_0 weights with activations quantized on the fly (quant.c). */
 int cpu_quant_supported(ts_dtype dt);
 /* One row of k (a multiple of 32) activations to int8 blocks: d[b] = max|x| / 127 over block b,
