@@ -108,6 +108,41 @@ static void fake_shutdown(executor *ex) {
 static const executor_ops fake_ops = {
     .name = "fake", .init_kv = fake_init_kv, .execute_step = fake_step, .shutdown = fake_shutdown};
 
+/* Pipelined variant: submit runs the micro-batch at once (on a copy of nothing: the plan is read
+ * during the call, as a real executor serialises it) and queues its logits; collect returns them
+ * in submission order. */
+#define FAKE_MAX_INFLIGHT 3
+static float fake_q[FAKE_MAX_INFLIGHT][4096 * 48];
+static int fake_q_rows[FAKE_MAX_INFLIGHT], fake_q_rc[FAKE_MAX_INFLIGHT];
+static uint64_t fake_q_id[FAKE_MAX_INFLIGHT];
+static int fake_q_head, fake_q_n, fake_max_outstanding;
+
+static int fake_submit(executor *ex, uint64_t step_id, const ts_batch *b, ts_err *err) {
+  if (fake_q_n == FAKE_MAX_INFLIGHT) return ts_errorf(err, TS_EBUSY, "fake: too many steps in flight");
+  int slot = (fake_q_head + fake_q_n) % FAKE_MAX_INFLIGHT;
+  fake_q_rc[slot] = fake_step(ex, step_id, b, fake_q[slot], err);
+  fake_q_rows[slot] = b->n_logits;
+  fake_q_id[slot] = step_id;
+  fake_q_n++;
+  if (fake_q_n > fake_max_outstanding) fake_max_outstanding = fake_q_n;
+  return 0;
+}
+
+static int fake_collect(executor *ex, uint64_t *step_id, float *logits, ts_err *err) {
+  (void)ex;
+  if (fake_q_n == 0) return ts_errorf(err, TS_EINVAL, "fake: nothing to collect");
+  int slot = fake_q_head;
+  fake_q_head = (fake_q_head + 1) % FAKE_MAX_INFLIGHT;
+  fake_q_n--;
+  if (step_id) *step_id = fake_q_id[slot];
+  if (fake_q_rc[slot] < 0) return ts_errorf(err, fake_q_rc[slot], "fake: step failed");
+  memcpy(logits, fake_q[slot], (size_t)fake_q_rows[slot] * VOCAB * sizeof(float));
+  return 0;
+}
+
+static const executor_pipeline_ops fake_pipe_ops = {fake_submit, fake_collect};
+static int g_pipelined;
+
 static int g_delay_us;
 static executor *g_last_ex;
 
@@ -127,6 +162,10 @@ static executor *fake_create(int fail_at_step) {
   ex->info.bos_id = 1;
   ex->info.n_eos = 1;
   ex->info.eos_ids[0] = EOS_ID;
+  if (g_pipelined) {
+    ex->pipe = &fake_pipe_ops;
+    ex->info.max_inflight = FAKE_MAX_INFLIGHT;
+  }
   g_last_ex = ex;
   return ex;
 }
@@ -335,18 +374,23 @@ static void test_differential(void) {
 
   struct {
     const char *name;
-    int max_seqs, max_batched, bs, kv_tokens, caching;
+    int max_seqs, max_batched, bs, kv_tokens, caching, pipelined;
   } cfgs[] = {
-      {"concurrent", 64, 4096, 16, 64 * MAX_POS, 0},
-      {"prefix caching", 64, 4096, 16, 64 * MAX_POS, 1},
-      {"chunked prefill", 64, 7, 4, 64 * MAX_POS, 1},
-      {"tiny cache (preemption)", 64, 512, 8, MAX_POS + 64, 0},
-      {"tiny cache + caching", 32, 33, 2, MAX_POS + 10, 1},
-      {"few seqs", 3, 64, 16, 8 * MAX_POS, 1},
+      {"concurrent", 64, 4096, 16, 64 * MAX_POS, 0, 0},
+      {"prefix caching", 64, 4096, 16, 64 * MAX_POS, 1, 0},
+      {"chunked prefill", 64, 7, 4, 64 * MAX_POS, 1, 0},
+      {"tiny cache (preemption)", 64, 512, 8, MAX_POS + 64, 0, 0},
+      {"tiny cache + caching", 32, 33, 2, MAX_POS + 10, 1, 0},
+      {"few seqs", 3, 64, 16, 8 * MAX_POS, 1, 0},
+      {"pipelined micro-batches", 64, 97, 4, 64 * MAX_POS, 1, 1},
+      {"pipelined + tiny cache", 16, 64, 4, MAX_POS + 40, 0, 1},
   };
   for (size_t k = 0; k < sizeof cfgs / sizeof cfgs[0]; k++) {
+    g_pipelined = cfgs[k].pipelined;
+    fake_max_outstanding = 0;
     e = make_engine(cfgs[k].max_seqs, cfgs[k].max_batched, cfgs[k].bs, cfgs[k].kv_tokens,
                     cfgs[k].caching, -1);
+    g_pipelined = 0;
     /* Two waves: the second finds the first's blocks in the prefix cache. */
     int any_cached = 0;
     for (int wave = 0; wave < 2; wave++) {
@@ -363,6 +407,9 @@ static void test_differential(void) {
             (long long)st.preemptions, (long long)st.prefix_cache_hits,
             (long long)st.prefix_cache_queries);
     if (cfgs[k].kv_tokens < 2 * MAX_POS) CHECK_MSG(st.preemptions > 0, "%s", cfgs[k].name);
+    if (cfgs[k].pipelined)
+      CHECK_MSG(fake_max_outstanding > 1, "%s: never more than one micro-batch in flight",
+                cfgs[k].name);
     if (cfgs[k].caching)
       CHECK_MSG(any_cached && st.prefix_cache_hits > 0, "%s: no cached tokens", cfgs[k].name);
     else
