@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Decode speed of the distributed layouts: for each layout, start `tessera serve` (uni for T=1,
 mp worker processes otherwise), stream one greedy completion of --tokens tokens (ignore_eos) per
-run and time the tokens after the first (so prefill is left out). Prints one table row per
+run and time the tokens after the first (so prefill is left out); with --concurrency N, N streams
+at once and their aggregate rate. Prints one table row per
 layout: median decode tokens/s and ms/token over --runs runs, plus the run-to-run spread.
 
 Example:
@@ -50,7 +51,18 @@ def start(exe, model, args, extra):
     return p, port
 
 
-def one_run(port, tokens):
+def one_run(port, tokens, concurrency=1):
+    if concurrency > 1:
+        # Aggregate decode rate of several streams at once (what pipeline micro-batches serve).
+        out = []
+        t0 = time.perf_counter()
+        ths = [threading.Thread(target=lambda: out.append(one_run(port, tokens)))
+               for _ in range(concurrency)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        return concurrency * tokens / (time.perf_counter() - t0)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
     conn.request("POST", "/v1/completions", body=json.dumps({
         "model": "m", "prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0,
@@ -81,6 +93,8 @@ def main():
     ap.add_argument("--layouts", default="uni,mp1,tp2,pp2")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="streams at once; > 1 reports aggregate tokens/s including prefill")
     ap.add_argument("--serve-args", default="", help="extra flags for every server")
     a = ap.parse_args()
     print(f"| layout | decode tok/s (median of {a.runs}) | ms/token | min-max tok/s |")
@@ -89,7 +103,7 @@ def main():
         p, port = start(a.exe, a.model, LAYOUTS[name], a.serve_args.split())
         try:
             one_run(port, 4)  # warm-up: page the weights in
-            rates = [one_run(port, a.tokens) for _ in range(a.runs)]
+            rates = [one_run(port, a.tokens, a.concurrency) for _ in range(a.runs)]
         finally:
             p.terminate()
             p.wait(60)
