@@ -952,7 +952,17 @@ int executor_mp_create(executor **out, const executor_mp_config *cfg, ts_err *er
     char hex[2 * WIRE_SECRET_LEN + 1];
     wire_secret_to_hex(im->secret, hex);
     snprintf(im->secret_env, sizeof im->secret_env, "%s=%s", WORKER_SECRET_ENV, hex);
-    rc = launch_host_addr(NULL, cfg->launch == MP_LAUNCH_LOCAL, im->host, sizeof im->host, err);
+    /* With Ray, the address the cluster reaches us on: the route toward its head when given. */
+    char toward[NET_HOST_MAX] = "";
+    const char *ra = im->ray_address;
+    if (cfg->launch == MP_LAUNCH_RAY && ra && strcmp(ra, "auto")) {
+      if (!strncmp(ra, "ray://", 6)) ra += 6;
+      int port;
+      if (net_parse_hostport(ra, toward, sizeof toward, &port, NULL) < 0)
+        snprintf(toward, sizeof toward, "%s", ra);
+    }
+    rc = launch_host_addr(toward[0] ? toward : NULL, cfg->launch == MP_LAUNCH_LOCAL, im->host,
+                          sizeof im->host, err);
   }
   if (rc == 0) rc = net_listen(im->host, 0, 256, &im->listen_fd, &im->listen_port, err);
   if (rc == 0) {
