@@ -162,3 +162,15 @@ def test_bad_handshakes_dropped_and_logged(tessera, shared, checkpoints):
         assert s.complete([rand_prompt()], 8)
     finally:
         s.stop()
+
+
+def test_driver_killed_takes_workers_along(tessera, shared):
+    s = Serve(tessera, shared / STORIES, "-tp", 2, "-pp", 2)
+    try:
+        workers = s.workers()
+        assert len(workers) == 4
+        s.proc.kill()  # no chance to say goodbye: the workers notice on their own
+        s.proc.wait()
+        assert wait_gone(workers.values()) == []
+    finally:
+        s.stop()

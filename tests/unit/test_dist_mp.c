@@ -77,6 +77,37 @@ static void test_host_addr(void) {
   CHECK(launch_host_addr("127.0.0.1", 0, out, sizeof out, &err) == 0 && !strcmp(out, "127.0.0.1"));
 }
 
+/* Children with a chosen environment, piped stdout and exit statuses. */
+static void test_spawn(void) {
+  ts_err err = {0};
+  char val[64], env[96], want[96];
+  snprintf(val, sizeof val, "%llx", (unsigned long long)test_rng_next(&rng));
+  snprintf(env, sizeof env, "TS_SPAWN_TEST=%s", val);
+  const char *argv[] = {"sh", "-c", "printf '%s' \"$TS_SPAWN_TEST\"; exit 3", NULL};
+  const char *add[] = {env, NULL};
+  launch_spec sp = {.argv = argv, .env_add = add, .pipe_stdout = 1};
+  launch_child c;
+  CHECK(launch_spawn(&sp, &c, &err) == 0 && c.pid > 0 && c.stdout_fd >= 0);
+  char got[96] = "";
+  size_t n = 0;
+  ssize_t r;
+  while ((r = read(c.stdout_fd, got + n, sizeof got - 1 - n)) > 0) n += (size_t)r;
+  got[n] = 0;
+  CHECK_MSG(!strcmp(got, val), "child saw '%s', expected '%s'", got, val);
+  int st = -1;
+  for (int i = 0; i < 500 && !launch_reap(&c, &st); i++) usleep(10000);
+  launch_describe_status(st, want, sizeof want);
+  CHECK_MSG(!strcmp(want, "exit code 3"), "%s", want);
+  close(c.stdout_fd);
+  /* A child that ignores nothing is stopped by launch_stop and reaped. */
+  const char *sleeper[] = {"sleep", "30", NULL};
+  launch_spec sp2 = {.argv = sleeper};
+  CHECK(launch_spawn(&sp2, &c, &err) == 0);
+  CHECK(launch_reap(&c, &st) == 0);
+  launch_stop(&c, 1000);
+  CHECK(c.pid == -1);
+}
+
 /* ---- mp against uni ---- */
 
 static double row_max_abs(const float *x, size_t n) {
@@ -229,6 +260,7 @@ int main(void) {
   fprintf(stderr, "seed %llx\n", (unsigned long long)rng.s);
   test_layer_split();
   test_host_addr();
+  test_spawn();
   char path[1024];
   snprintf(path, sizeof path, "%s/models/stories260K-hf", test_shared_dir());
   backend *be = NULL;
