@@ -513,9 +513,9 @@ def test_load_1000_connections(server):
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--tensor-parallel-size", "2"], "tensor-parallel-size"),
-    (["--pipeline-parallel-size=3"], "pipeline-parallel-size"),
-    (["--distributed-executor-backend", "ray"], "distributed-executor-backend"),
+    (["--tensor-parallel-size", "0"], "tensor-parallel-size"),
+    (["--pipeline-parallel-size=0"], "pipeline-parallel-size"),
+    (["--distributed-executor-backend", "foo"], "distributed-executor-backend"),
     (["--port", "70000"], "--port"),
     (["--frobnicate", "1"], "unknown option"),
 ])
@@ -523,3 +523,13 @@ def test_serve_rejects_bad_flags(exe, stories, flags, needle):
     r = subprocess.run([exe, "serve", str(stories), *flags], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 2 and needle in r.stderr
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--tensor-parallel-size", "3"], "must divide the attention heads (8) and key/value heads (4)"),
+    (["--pipeline-parallel-size", "9"], "pipeline-parallel size 9 exceeds the 5 layers"),
+])
+def test_serve_rejects_impossible_layouts(exe, stories, flags, needle):
+    r = subprocess.run([exe, "serve", str(stories), "--port", "0", *flags], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 1 and needle in r.stderr
