@@ -68,12 +68,18 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_kernel(att_args a) {
     int r = warp + ATT_WARPS * i;
     klim[i] = (r < nt * a.hpt && r % a.hpt < heads_here) ? min(a.pos[t0 + r / a.hpt] + 1, ctx) : 0;
   }
-  for (int idx = threadIdx.x; idx < CUDA_ATTN_ROWS * hd; idx += ATT_THREADS) {
-    int r = idx / hd, d = idx % hd;
-    float v = 0.0f;
-    if (r < nt * a.hpt && r % a.hpt < heads_here)
-      v = a.q[((size_t)(t0 + r / a.hpt) * a.n_head + head0 + r % a.hpt) * hd + d];
-    qs[idx] = v;
+  /* Same layout as the K/V tiles below: unrolled, coalesced, every load in flight at once. */
+#pragma unroll
+  for (int i = 0; i < ATT_ROWS_PER_WARP; i++) {
+    const int r = warp + ATT_WARPS * i;
+    const bool act = r < nt * a.hpt && r % a.hpt < heads_here;
+    const float *src = a.q + ((size_t)(t0 + (act ? r / a.hpt : 0)) * a.n_head + head0 +
+                              (act ? r % a.hpt : 0)) * hd;
+#pragma unroll
+    for (int n = 0; n < NI; n++) {
+      const int d = lane + 32 * n;
+      if (d < hd) qs[r * hd + d] = act ? src[d] : 0.0f;
+    }
   }
 
   const int k_begin = split * a.chunk;
@@ -91,18 +97,27 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_kernel(att_args a) {
   for (int k0 = k_begin; k0 < k_end; k0 += ATT_BK) {
     const int kn = min(ATT_BK, k_end - k0);
     __syncthreads(); /* the previous tile is no longer read (and qs is written, first time) */
-    for (int idx = threadIdx.x; idx < ATT_BK * hd; idx += ATT_THREADS) {
-      int j = idx / hd, d = idx % hd;
-      float kv = 0.0f, vv = 0.0f;
-      if (j < kn) {
-        int p = k0 + j;
-        size_t phys = (size_t)bt[p / a.block_size] * a.block_size + p % a.block_size;
-        size_t off = (phys * a.n_kv + kvh) * hd + d;
-        kv = cuda_ld(kc + off);
-        vv = cuda_ld(vc + off);
+    /* Warp w loads keys w, w+4, ...; lane l dimensions l, l+32, ...: each key row is one
+     * coalesced read, and the unrolled loop keeps all of a thread's loads in flight at once
+     * (a loop of dependent block-table and cache loads left the kernel latency-bound). */
+#pragma unroll
+    for (int jj = 0; jj < ATT_BK / ATT_WARPS; jj++) {
+      const int j = warp + ATT_WARPS * jj;
+      const bool valid = j < kn;
+      size_t base = 0;
+      if (valid) {
+        const int p = k0 + j;
+        base = (((size_t)bt[p / a.block_size] * a.block_size + p % a.block_size) * a.n_kv + kvh) *
+               hd;
       }
-      ks[j * (hd + 1) + d] = kv;
-      vs[j * hd + d] = vv;
+#pragma unroll
+      for (int n = 0; n < NI; n++) {
+        const int d = lane + 32 * n;
+        if (d < hd) {
+          ks[j * (hd + 1) + d] = valid ? cuda_ld(kc + base + d) : 0.0f;
+          vs[j * hd + d] = valid ? cuda_ld(vc + base + d) : 0.0f;
+        }
+      }
     }
     __syncthreads();
 
@@ -189,6 +204,109 @@ __global__ void attention_combine_kernel(const float *ws_acc, const float *ws_ml
     }
     out[row * hd + d] = v * inv;
   }
+}
+
+/* Decode steps (one query token per sequence): grid (sequence, KV head, split). The block's four
+ * warps take every fourth key of the split; each lane holds NI dimensions of the key and value
+ * rows (coalesced loads, no shared-memory staging) and of every query head of the GQA group,
+ * and a warp reduction gives each score. Each warp keeps an online softmax per head; the warps
+ * are merged through shared memory at the end. */
+#define DEC_MAXG 8
+#define DEC_MAXHD 128
+
+template <int NI, typename KT>
+__global__ void __launch_bounds__(ATT_THREADS) attention_decode_kernel(att_args a) {
+  __shared__ float sm_acc[ATT_WARPS][DEC_MAXG][DEC_MAXHD];
+  __shared__ float sm_m[ATT_WARPS][DEC_MAXG], sm_l[ATT_WARPS][DEC_MAXG];
+  const int s = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int hd = a.hd, G = a.group;
+  const int t = a.seq_start[s];
+  const int klim = min(a.pos[t] + 1, a.ctx_len[s]);
+  const int k_begin = split * a.chunk, k_end = min(klim, k_begin + a.chunk);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const KT *kc = (const KT *)a.kc, *vc = (const KT *)a.vc;
+  const int32_t *bt = a.block_table + (size_t)s * a.max_blocks;
+
+  float q[DEC_MAXG][NI], acc[DEC_MAXG][NI], m[DEC_MAXG], l[DEC_MAXG];
+#pragma unroll
+  for (int h = 0; h < DEC_MAXG; h++) {
+    m[h] = -INFINITY;
+    l[h] = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NI; n++) {
+      acc[h][n] = 0.0f;
+      q[h][n] = h < G ? a.q[((size_t)t * a.n_head + kvh * G + h) * hd + lane + 32 * n] : 0.0f;
+    }
+  }
+#pragma unroll 2
+  for (int p = k_begin + warp; p < k_end; p += ATT_WARPS) {
+    const size_t base =
+        (((size_t)bt[p / a.block_size] * a.block_size + p % a.block_size) * a.n_kv + kvh) * hd;
+    float kf[NI], vf[NI];
+#pragma unroll
+    for (int n = 0; n < NI; n++) {
+      kf[n] = cuda_ld(kc + base + lane + 32 * n);
+      vf[n] = cuda_ld(vc + base + lane + 32 * n);
+    }
+#pragma unroll
+    for (int h = 0; h < DEC_MAXG; h++) {
+      if (h >= G) break;
+      float d = 0.0f;
+#pragma unroll
+      for (int n = 0; n < NI; n++) d += q[h][n] * kf[n];
+      d = cuda_warp_sum(d) * a.scale;
+      const float mn = fmaxf(m[h], d);
+      const float al = expf(m[h] - mn), pe = expf(d - mn);
+      l[h] = l[h] * al + pe;
+      m[h] = mn;
+#pragma unroll
+      for (int n = 0; n < NI; n++) acc[h][n] = acc[h][n] * al + pe * vf[n];
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < DEC_MAXG; h++) {
+    if (h >= G) break;
+#pragma unroll
+    for (int n = 0; n < NI; n++) sm_acc[warp][h][lane + 32 * n] = acc[h][n];
+    if (lane == 0) {
+      sm_m[warp][h] = m[h];
+      sm_l[warp][h] = l[h];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * hd; idx += ATT_THREADS) {
+    const int h = idx / hd, d = idx % hd;
+    float M = -INFINITY;
+    for (int w = 0; w < ATT_WARPS; w++)
+      if (sm_l[w][h] > 0.0f) M = fmaxf(M, sm_m[w][h]);
+    float L = 0.0f, A = 0.0f;
+    for (int w = 0; w < ATT_WARPS; w++)
+      if (sm_l[w][h] > 0.0f) {
+        const float e = expf(sm_m[w][h] - M);
+        L += sm_l[w][h] * e;
+        A += sm_acc[w][h][d] * e;
+      }
+    const size_t row = (size_t)t * a.n_head + kvh * G + h;
+    if (a.n_splits == 1) {
+      a.out[row * hd + d] = L > 0.0f ? A / L : 0.0f;
+    } else {
+      const size_t wrow = (size_t)split * a.n_tokens * a.n_head + row;
+      a.ws_acc[wrow * hd + d] = A;
+      if (d == 0) {
+        a.ws_ml[2 * wrow] = M;
+        a.ws_ml[2 * wrow + 1] = L;
+      }
+    }
+  }
+}
+
+template <typename KT>
+static void attention_decode_launch(cuda_ctx *c, dim3 grid, const att_args &a) {
+  if (a.hd <= 32) attention_decode_kernel<1, KT><<<grid, ATT_THREADS, 0, c->stream>>>(a);
+  else if (a.hd <= 64) attention_decode_kernel<2, KT><<<grid, ATT_THREADS, 0, c->stream>>>(a);
+  else if (a.hd <= 96) attention_decode_kernel<3, KT><<<grid, ATT_THREADS, 0, c->stream>>>(a);
+  else attention_decode_kernel<4, KT><<<grid, ATT_THREADS, 0, c->stream>>>(a);
+  CUDA_CHECK_LAUNCH(c, "attention_decode_kernel");
 }
 
 template <int NI, typename KT>
@@ -283,8 +401,18 @@ void cuda_op_attention(void *ctx, const kv_cache *kv, int layer, const float *q,
   }
 
   dim3 grid((unsigned)c->n_tiles[tqi], (unsigned)(n_kv * head_tiles), (unsigned)n_splits);
-  CUDA_DISPATCH_FLOAT(c, kv->dtype, "attention KV cache", KT,
-                      attention_dispatch_ni<KT>(c, grid, a));
+  /* One token per sequence, a small group and a head_dim of whole warps: the decode kernel
+   * (its tiles are the sequences, one block per KV head and split, as in the grid above). */
+  /* n_tokens == n_seqs with every sequence in one 16-token tile means one token each. */
+  const int decode = c->n_tokens == c->n_seqs && c->n_tiles[CUDA_ATTN_TQ_COUNT - 1] == c->n_seqs &&
+                     group <= DEC_MAXG && hd % 32 == 0 &&
+                     hd <= DEC_MAXHD && head_tiles == 1;
+  if (decode)
+    CUDA_DISPATCH_FLOAT(c, kv->dtype, "attention KV cache", KT,
+                        attention_decode_launch<KT>(c, grid, a));
+  else
+    CUDA_DISPATCH_FLOAT(c, kv->dtype, "attention KV cache", KT,
+                        attention_dispatch_ni<KT>(c, grid, a));
   if (n_splits > 1 && !c->err_code) {
     attention_combine_kernel<<<dim3((unsigned)c->n_tokens, (unsigned)n_head_l), 128, 0,
                                c->stream>>>(a.ws_acc, a.ws_ml, n_splits, c->n_tokens * n_head_l,

@@ -605,6 +605,10 @@ static void test_attention(void) {
        TS_BF16},
       {"group20 hd80 f16", 2, {3, 1}, {40, 600}, 1, 20, 80, 8, TS_F16},
       {"long prefill chunk hd256", 1, {70, 0, 0, 0}, {1100, 0, 0, 0}, 1, 2, 256, 16, TS_F32},
+      /* decode kernel (one token per sequence, group <= 8, head_dim a multiple of 32) */
+      {"decode GQA4 hd64 f16", 4, {1, 1, 1, 1}, {1, 64, 300, 129}, 2, 8, 64, 16, TS_F16},
+      {"decode GQA2 hd96 f32", 2, {1, 1}, {5, 260}, 4, 8, 96, 16, TS_F32},
+      {"decode MHA hd32 bf16", 3, {1, 1, 1}, {33, 2, 520}, 4, 4, 32, 8, TS_BF16},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) test_attention_case(&cases[i]);
 }
