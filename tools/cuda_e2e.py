@@ -53,7 +53,8 @@ def write_checkpoint(preset, out, tokenizers=None, procs=16):
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = pathlib.Path(tokenizers or gen_checkpoint.default_tokenizers()) / p["family"]
-    (out / "config.json").write_text(json.dumps(gen_checkpoint.hf_config(p, "bf16"), indent=2) + "\n")
+    cfg = gen_checkpoint.hf_config(p, "bf16")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {"bos_token_id": p["ids"]["bos"], "eos_token_id": p["ids"]["gen_eos"], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -63,7 +64,8 @@ def write_checkpoint(preset, out, tokenizers=None, procs=16):
         items = pool.map(_tensor, jobs, chunksize=1)
     header, off = {}, 0
     for name, arr, sd in items:
-        header[name] = {"dtype": sd, "shape": list(arr.shape), "data_offsets": [off, off + arr.nbytes]}
+        header[name] = {"dtype": sd, "shape": list(arr.shape),
+                        "data_offsets": [off, off + arr.nbytes]}
         off += arr.nbytes
     header["__metadata__"] = {"format": "pt"}
     h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
@@ -119,7 +121,8 @@ def hf_greedy(torch, model, prompt_ids, steps):
 
 
 def compare(rows, hf_rows, toks):
-    rel = np.linalg.norm(rows - hf_rows, axis=1) / np.maximum(np.linalg.norm(hf_rows, axis=1), 1e-30)
+    norm = np.maximum(np.linalg.norm(hf_rows, axis=1), 1e-30)
+    rel = np.linalg.norm(rows - hf_rows, axis=1) / norm
     am = hf_rows.argmax(axis=1)
     bad = [i for i in range(len(toks)) if am[i] != toks[i]]
     margins = []
@@ -160,7 +163,8 @@ def main():
     emit(f"tessera --device cuda vs transformers {__import__('transformers').__version__}, "
          f"torch {torch.__version__}, {torch.cuda.get_device_name()}; {a.steps} greedy steps")
     emit("| preset | prompt | graphs | prompt toks | rel err vs hf bf16 (max/mean) | "
-         "rel err vs hf f32 (max/mean) | hf bf16 vs hf f32 (max) | argmax disagreements bf16 / f32 (hf margin) | "
+         "rel err vs hf f32 (max/mean) | hf bf16 vs hf f32 (max) | "
+         "argmax disagreements bf16 / f32 (hf margin) | "
          "free-run bf16 equal steps | tessera s |")
     emit("| --- | --- | --- | ---: | --- | --- | --- | --- | ---: | ---: |")
     worst = {"bf16": 0.0, "f32": 0.0}
@@ -199,7 +203,8 @@ def main():
                     n_fail += 1
                 emit(f"| {preset} | {pi} | {g} | {len(ids)} | {mx16:.2e} / {mn16:.2e} | "
                      f"{mx32:.2e} / {mn32:.2e} | {hf_gap:.2e} | {len(bad16)} / {len(bad32)} "
-                     f"{[round(x, 4) for x in (mg16 + mg32)][:6]} | {eq}/{len(free)} | {secs:.1f} |")
+                     f"{[round(x, 4) for x in (mg16 + mg32)][:6]} | {eq}/{len(free)} | "
+                     f"{secs:.1f} |")
         del m16, m32
         torch.cuda.empty_cache()
     emit(f"worst relative error: {worst['bf16']:.2e} vs hf bf16, {worst['f32']:.2e} vs hf f32; "

@@ -40,7 +40,8 @@ void cuda_op_matmul(void *ctx, const float *x, const ts_tensor *w, const ts_tens
   }
   /* Decode-sized products: one pass over the 16-bit weight, no narrowing launch. A bias of
    * another dtype takes the cuBLAS path, which adds it with its own kernel. */
-  if (cuda_gemv_fits(w, n) && ((uintptr_t)x & 15) == 0 && (!bias || !bias->data || bias->dtype == w->dtype)) {
+  if (cuda_gemv_fits(w, n) && ((uintptr_t)x & 15) == 0 &&
+      (!bias || !bias->data || bias->dtype == w->dtype)) {
     cuda_gemv(c, x, w, bias, n, y);
     return;
   }
