@@ -1,8 +1,8 @@
 /* AVX-512 matmul for F32, F16 and BF16 weights, used in place (no float32 copy): a register tile
  * of 4 weight rows x up to 6 tokens (24 zmm accumulators) that widens each 16-element slice of
- * a weight row once and applies it to every token of the tile. Tokens are cache-blocked so a
- * block of activations stays in L2 while the thread's weight rows stream through it; decoding B
- * sequences therefore reads each weight once per step (for B up to the block size).
+ * a weight row once and applies it to every token of the tile. Rows are cache-blocked: a block
+ * of a thread's rows stays in L2 while every token tile passes over it, so a step reads each
+ * weight from memory once whatever the number of tokens (prefill, or B decoded sequences).
  *
  * Every (row, token) sum runs over k in the same 16-lane order with the same final reduction,
  * whatever the tile shape or the batch around it, so a token's output does not depend on its
@@ -117,21 +117,23 @@ void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1) {
   const ts_tensor *W = a->w;
   tile_fn fn = W->dtype == TS_F32 ? tile_f32 : W->dtype == TS_F16 ? tile_f16 : tile_bf16;
   const int64_t k = a->k, m = a->m;
-  /* Token block: about 384 KiB of activations, a whole number of tiles. */
-  int64_t tb = (384 << 10) / (int64_t)(k * sizeof(float));
-  tb = tb < TILE_T ? TILE_T : tb - tb % TILE_T;
-  for (int64_t t0 = 0; t0 < a->n; t0 += tb) {
-    int64_t t1 = t0 + tb < a->n ? t0 + tb : a->n;
-    for (int64_t rb = r0; rb < r1; rb += TILE_R) {
-      int nr = (int)(r1 - rb < TILE_R ? r1 - rb : TILE_R);
-      const void *wr[TILE_R];
-      for (int r = 0; r < TILE_R; r++) wr[r] = cpu_weight_row(W, rb + (r < nr ? r : 0));
-      float bias[TILE_R] = {0};
-      if (a->bias && ts_tensor_present(a->bias))
-        cpu_row_to_f32(a->c, a->bias->dtype,
-                       (const char *)a->bias->data + ts_dtype_bytes(a->bias->dtype, rb), nr, bias);
-      for (int64_t t = t0; t < t1; t += TILE_T) {
-        int T = (int)(t1 - t < TILE_T ? t1 - t : TILE_T);
+  /* Rows in blocks of about 512 KiB of weights, kept in L2 while every token tile passes over
+   * them; a token tile (6 x k floats) stays in L1 across the block's row tiles. */
+  int64_t rs = (int64_t)((512u << 10) / ts_dtype_bytes(W->dtype, k));
+  rs = rs < TILE_R ? TILE_R : rs - rs % TILE_R;
+  for (int64_t s0 = r0; s0 < r1; s0 += rs) {
+    int64_t s1 = s0 + rs < r1 ? s0 + rs : r1;
+    for (int64_t t = 0; t < a->n; t += TILE_T) {
+      int T = (int)(a->n - t < TILE_T ? a->n - t : TILE_T);
+      for (int64_t rb = s0; rb < s1; rb += TILE_R) {
+        int nr = (int)(s1 - rb < TILE_R ? s1 - rb : TILE_R);
+        const void *wr[TILE_R];
+        for (int r = 0; r < TILE_R; r++) wr[r] = cpu_weight_row(W, rb + (r < nr ? r : 0));
+        float bias[TILE_R] = {0};
+        if (a->bias && ts_tensor_present(a->bias))
+          cpu_row_to_f32(a->c, a->bias->dtype,
+                         (const char *)a->bias->data + ts_dtype_bytes(a->bias->dtype, rb), nr,
+                         bias);
         float out[TILE_T][TILE_R];
         fn(T, wr, a->x + t * k, k, k, out);
         for (int q = 0; q < T; q++) {

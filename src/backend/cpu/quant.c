@@ -87,20 +87,26 @@ static void tile_scalar(const qtile *a, float out[QT][QR]) {
 #if Q_X86
 #define INL static inline __attribute__((always_inline))
 
+__attribute__((target("f16c"))) INL float f16_x86(const uint8_t *p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
 /* 32 signed weights of block b in one ymm, and the block's scale broadcast. */
 #define LOAD_WBLOCK(dt, row, b, wv, dv)                                                         \
   do {                                                                                          \
     if ((dt) == TS_Q8_0) {                                                                      \
       const uint8_t *p_ = (row) + (b) * 34;                                                     \
       wv = _mm256_loadu_si256((const __m256i *)(p_ + 2));                                       \
-      dv = f16_le(p_);                                                                          \
+      dv = f16_x86(p_);                                                                         \
     } else {                                                                                    \
       const uint8_t *p_ = (row) + (b) * 18;                                                     \
       __m128i v_ = _mm_loadu_si128((const __m128i *)(p_ + 2));                                  \
       __m128i lo_ = _mm_and_si128(v_, _mm_set1_epi8(15));                                       \
       __m128i hi_ = _mm_and_si128(_mm_srli_epi16(v_, 4), _mm_set1_epi8(15));                    \
       wv = _mm256_sub_epi8(_mm256_set_m128i(hi_, lo_), _mm256_set1_epi8(8));                    \
-      dv = f16_le(p_);                                                                          \
+      dv = f16_x86(p_);                                                                         \
     }                                                                                           \
   } while (0)
 
@@ -152,14 +158,14 @@ dot_vnni(__m256i aw, __m256i sx) {
   } while (0)
 
 /* AVX2 has 16 ymm registers: tiles of up to 2 tokens. */
-__attribute__((target("avx2,fma"))) static void tile_avx2_1(const qtile *a, float out[QT][QR]) {
+__attribute__((target("avx2,fma,f16c"))) static void tile_avx2_1(const qtile *a, float out[QT][QR]) {
   TILE_BODY(dot_avx2, 1);
 }
-__attribute__((target("avx2,fma"))) static void tile_avx2_2(const qtile *a, float out[QT][QR]) {
+__attribute__((target("avx2,fma,f16c"))) static void tile_avx2_2(const qtile *a, float out[QT][QR]) {
   TILE_BODY(dot_avx2, 2);
 }
 
-#define VNNI_TGT __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma")))
+#define VNNI_TGT __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma,f16c")))
 VNNI_TGT static void tile_vnni_1(const qtile *a, float out[QT][QR]) { TILE_BODY(dot_vnni, 1); }
 VNNI_TGT static void tile_vnni_2(const qtile *a, float out[QT][QR]) { TILE_BODY(dot_vnni, 2); }
 VNNI_TGT static void tile_vnni_3(const qtile *a, float out[QT][QR]) { TILE_BODY(dot_vnni, 3); }
@@ -266,23 +272,25 @@ static void qmm_rows(void *arg, int64_t r0, int64_t r1, int thread) {
   (void)thread;
   qmm_job *j = arg;
   const int64_t k = j->k, m = j->m, nb = k / 32;
-  /* Token block: about 256 KiB of quantized activations, a whole number of tiles. */
-  int64_t tb = (256 << 10) / k;
-  tb = tb < QT ? QT : tb - tb % QT;
-  for (int64_t t0 = 0; t0 < j->n; t0 += tb) {
-    int64_t t1 = t0 + tb < j->n ? t0 + tb : j->n;
-    for (int64_t rb = r0; rb < r1; rb += QR) {
-      int nr = (int)(r1 - rb < QR ? r1 - rb : QR);
+  /* Rows in blocks of about 512 KiB of weights (kept in L2 while every token tile passes over
+   * them); within a block, a token tile (a few KiB of int8) stays in L1 across its row tiles. */
+  int64_t rs = (int64_t)((512u << 10) / ts_dtype_bytes(j->w->dtype, k));
+  rs = rs < QR ? QR : rs - rs % QR;
+  for (int64_t s0 = r0; s0 < r1; s0 += rs) {
+    int64_t s1 = s0 + rs < r1 ? s0 + rs : r1;
+    for (int64_t t = 0; t < j->n; t += QT) {
       qtile a = {.dt = j->w->dtype, .k = k};
-      for (int r = 0; r < QR; r++) a.w[r] = cpu_weight_row(j->w, rb + (r < nr ? r : 0));
-      float bias[QR] = {0};
-      if (j->bias && ts_tensor_present(j->bias))
-        cpu_row_to_f32(j->c, j->bias->dtype,
-                       (const char *)j->bias->data + ts_dtype_bytes(j->bias->dtype, rb), nr, bias);
-      for (int64_t t = t0; t < t1; t += QT) {
-        a.T = (int)(t1 - t < QT ? t1 - t : QT);
-        a.xq = j->xq + t * k;
-        a.xd = j->xd + t * nb;
+      a.T = (int)(j->n - t < QT ? j->n - t : QT);
+      a.xq = j->xq + t * k;
+      a.xd = j->xd + t * nb;
+      for (int64_t rb = s0; rb < s1; rb += QR) {
+        int nr = (int)(s1 - rb < QR ? s1 - rb : QR);
+        for (int r = 0; r < QR; r++) a.w[r] = cpu_weight_row(j->w, rb + (r < nr ? r : 0));
+        float bias[QR] = {0};
+        if (j->bias && ts_tensor_present(j->bias))
+          cpu_row_to_f32(j->c, j->bias->dtype,
+                         (const char *)j->bias->data + ts_dtype_bytes(j->bias->dtype, rb), nr,
+                         bias);
         float out[QT][QR];
         run_tile(j->c, &a, out);
         for (int q = 0; q < a.T; q++) {
