@@ -4,13 +4,11 @@
 #include "model/gguf.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
+
+#include "util/mapfile.h"
 
 #define GGUF_MAGIC 0x46554747u /* "GGUF" little-endian */
 #define GGUF_MAX_ARRAY_DEPTH 4
@@ -200,7 +198,7 @@ void gguf_close(gguf_file *g) {
     for (uint64_t i = 0; i < g->n_tensors; i++) free(g->tensors[i].name);
   free(g->kv);
   free(g->tensors);
-  if (g->mapped) munmap((void *)g->map, g->size);
+  if (g->mapped) ts_unmap_file(g->map, g->size);
   free(g->path);
   free(g);
 }
@@ -320,26 +318,12 @@ fail:
 
 int gguf_open(gguf_file **out, const char *path, ts_err *err) {
   *out = NULL;
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ts_errorf(err, TS_EIO, "%s: cannot open (%s)", path, strerror(errno));
-  struct stat sb;
-  if (fstat(fd, &sb) < 0) {
-    int e = errno;
-    close(fd);
-    return ts_errorf(err, TS_EIO, "%s: cannot stat (%s)", path, strerror(e));
-  }
-  size_t size = (size_t)sb.st_size;
-  if (size < 24) {
-    close(fd);
-    return ts_errorf(err, TS_EFORMAT, "%s: truncated header (%zu bytes)", path, size);
-  }
-  void *map = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
-  int e = errno;
-  close(fd);
-  if (map == MAP_FAILED) return ts_errorf(err, TS_EIO, "%s: cannot map (%s)", path, strerror(e));
+  const void *map;
+  size_t size;
+  TS_TRY(ts_map_file(path, 24, "no header", &map, &size, err));
   int rc = gguf_parse(out, map, size, path, err);
   if (rc < 0) {
-    munmap(map, size);
+    ts_unmap_file(map, size);
     return rc;
   }
   (*out)->mapped = 1;

@@ -2,14 +2,12 @@
 #include "model/safetensors.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
+
+#include "util/mapfile.h"
 
 /* Headers past this size are not model files (the format's own reader caps them at 100 MB). */
 #define ST_MAX_HEADER (100u * 1024u * 1024u)
@@ -163,26 +161,12 @@ done:
 
 int st_open(st_file **out, const char *path, ts_err *err) {
   *out = NULL;
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ts_errorf(err, TS_EIO, "%s: cannot open (%s)", path, strerror(errno));
-  struct stat sb;
-  if (fstat(fd, &sb) < 0) {
-    int e = errno;
-    close(fd);
-    return ts_errorf(err, TS_EIO, "%s: cannot stat (%s)", path, strerror(e));
-  }
-  size_t size = (size_t)sb.st_size;
-  if (size < 8) {
-    close(fd);
-    return ts_errorf(err, TS_EFORMAT, "%s: truncated (%zu bytes, no header)", path, size);
-  }
-  void *map = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
-  int e = errno;
-  close(fd);
-  if (map == MAP_FAILED) return ts_errorf(err, TS_EIO, "%s: cannot map (%s)", path, strerror(e));
+  const void *map;
+  size_t size;
+  TS_TRY(ts_map_file(path, 8, "no header", &map, &size, err));
   int rc = st_parse(out, map, size, path, err);
   if (rc < 0) {
-    munmap(map, size);
+    ts_unmap_file(map, size);
     return rc;
   }
   (*out)->mapped = 1;
@@ -192,7 +176,7 @@ int st_open(st_file **out, const char *path, ts_err *err) {
 void st_close(st_file *f) {
   if (!f) return;
   st_free_tensors(f);
-  if (f->mapped) munmap((void *)f->map, f->size);
+  if (f->mapped) ts_unmap_file(f->map, f->size);
   free(f->path);
   free(f);
 }
