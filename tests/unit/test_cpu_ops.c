@@ -221,7 +221,7 @@ static void test_attention(backend *be) {
   for (int trial = 0; trial < 4; trial++) {
     int bs = rand_int(1, 5) * (trial % 2 ? 1 : 4), n_seqs = rand_int(1, 4);
     int n_kv = rand_int(1, 3), group = rand_int(1, 3), n_head = n_kv * group;
-    int hd = rand_int(1, 12) * 2 + (trial == 3 ? 1 : 0); /* odd head_dim is legal for attention */
+    int hd = rand_int(1, 40) * 2 + (trial == 3 ? 1 : 0); /* odd head_dim is legal for attention */
     int max_blocks = 16, n_blocks = n_seqs * max_blocks;
     int perm[8 * 16];
     for (int i = 0; i < n_blocks; i++) perm[i] = i;

@@ -6,6 +6,39 @@
 
 #include "backend/cpu/cpu_backend.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define ATT_TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+ATT_TGT static float dot_avx512(const float *a, const float *b, int n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  }
+  for (; i < n; i += 16) {
+    __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+/* o += w * v   o, v [n] */
+ATT_TGT static void axpy_avx512(float *o, float w, const float *v, int n) {
+  __m512 wv = _mm512_set1_ps(w);
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(o + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(v + i), _mm512_loadu_ps(o + i)));
+  if (i < n) {
+    __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(o + i, m,
+                          _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, v + i),
+                                          _mm512_maskz_loadu_ps(m, o + i)));
+  }
+}
+#endif
+
 typedef struct {
   cpu_ctx *c;
   const kv_cache *kv;
@@ -35,7 +68,12 @@ static void attn_items(void *arg, int64_t i0, int64_t i1, int thread) {
     for (int p = 0; p < n_ctx; p++) {
       size_t row = (size_t)table[p / bs] * bs + (size_t)(p % bs);
       const float *kr = K + (row * n_kv + kvh) * hd;
+#if defined(__x86_64__)
+      float s = (c->simd >= CPU_ISA_AVX512 ? dot_avx512(qv, kr, hd) : cpu_dot(c, qv, kr, hd)) *
+                j->scale;
+#else
       float s = cpu_dot(c, qv, kr, hd) * j->scale;
+#endif
       scores[p] = s;
       if (s > mx) mx = s;
     }
@@ -50,6 +88,12 @@ static void attn_items(void *arg, int64_t i0, int64_t i1, int thread) {
       size_t row = (size_t)table[p / bs] * bs + (size_t)(p % bs);
       const float *vr = V + (row * n_kv + kvh) * hd;
       float w = scores[p] * inv;
+#if defined(__x86_64__)
+      if (c->simd >= CPU_ISA_AVX512) {
+        axpy_avx512(o, w, vr, hd);
+        continue;
+      }
+#endif
       for (int d = 0; d < hd; d++) o[d] += w * vr[d];
     }
   }
