@@ -553,7 +553,7 @@ static int f_tojson(jrender *r, int line, jv in, const jargs *a, jv *out) {
   int indent = -1, ea = 0, sk = 0;
   if (s[0]) ea = jv_truthy(s[0]);
   if (s[1] && s[1]->kind != JV_NONE) {
-    int64_t i;
+    int64_t i = 0;
     TS_TRY(get_int(r, line, "tojson indent", s[1], &i));
     indent = i < 0 ? 0 : i > 64 ? 64 : (int)i; /* json.dumps treats a negative indent as 0 */
   }
