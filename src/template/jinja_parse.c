@@ -138,12 +138,12 @@ static int parse_call_args(parser *P, jnode *n) {
       nk++;
       adv(P);
       adv(P);
-      jnode *v;
+      jnode *v = NULL;
       TS_TRY(parse_expr(P, 1, &v));
       TS_TRY(nv_push(P, &kwv, v));
     } else {
       if (nk) return perr(P, "%s", "positional argument after keyword argument");
-      jnode *v;
+      jnode *v = NULL;
       TS_TRY(parse_expr(P, 1, &v));
       TS_TRY(nv_push(P, &pos, v));
     }
@@ -158,7 +158,7 @@ static int parse_call_args(parser *P, jnode *n) {
 
 static int parse_primary(parser *P, jnode **out) {
   const jtok *t = cur(P);
-  jnode *n;
+  jnode *n = NULL;
   if (t->type == JT_NAME) {
     static const char *lits[] = {"true", "false", "none", "True", "False", "None"};
     for (int k = 0; k < 6; k++) {
@@ -210,12 +210,12 @@ static int parse_primary(parser *P, jnode **out) {
         TS_TRY(expect_op(P, ","));
         if (is_op(cur(P), close)) break;
       }
-      jnode *k;
+      jnode *k = NULL;
       TS_TRY(parse_expr(P, 1, &k));
       TS_TRY(nv_push(P, &keys, k));
       if (is_dict) {
         TS_TRY(expect_op(P, ":"));
-        jnode *v;
+        jnode *v = NULL;
         TS_TRY(parse_expr(P, 1, &v));
         TS_TRY(nv_push(P, &vals, v));
       }
@@ -262,7 +262,7 @@ static int parse_postfix(parser *P, jnode **io) {
     if (is_op(t, ".")) {
       adv(P);
       const jtok *k = cur(P);
-      jnode *n;
+      jnode *n = NULL;
       if (k->type == JT_NAME) {
         if (!(n = mk(P, JN_GETATTR, k->line))) return oom(P);
         n->name = k->s;
@@ -324,7 +324,7 @@ static int parse_filter_expr(parser *P, jnode **io) {
     const jtok *t = cur(P);
     if (is_op(t, "|")) {
       adv(P);
-      jnode *f;
+      jnode *f = NULL;
       TS_TRY(parse_filter(P, &f));
       f->a = *io;
       *io = f;
@@ -354,7 +354,7 @@ static int parse_filter_expr(parser *P, jnode **io) {
                   is_op(k, "[") || is_op(k, "{")) &&
                  !is_name(k, "else") && !is_name(k, "or") && !is_name(k, "and")) {
         if (is_name(k, "is")) return perr(P, "%s", "cannot chain tests with 'is'");
-        jnode *arg;
+        jnode *arg = NULL;
         TS_TRY(parse_primary(P, &arg));
         TS_TRY(parse_postfix(P, &arg));
         nvec v = {0};
@@ -378,7 +378,7 @@ static int parse_filter_expr(parser *P, jnode **io) {
 static int parse_unary(parser *P, int with_filter, jnode **out) {
   if (++P->depth > JP_MAX_DEPTH) return perr(P, "%s", "expression nested too deeply");
   const jtok *t = cur(P);
-  jnode *n;
+  jnode *n = NULL;
   if (is_op(t, "-") || is_op(t, "+")) {
     if (!(n = mk(P, is_op(t, "-") ? JN_NEG : JN_POS, t->line))) return oom(P);
     adv(P);
@@ -408,7 +408,7 @@ static int parse_pow(parser *P, jnode **out) {
   while (is_op(cur(P), "**")) {
     int line = cur(P)->line;
     adv(P);
-    jnode *r;
+    jnode *r = NULL;
     TS_TRY(parse_unary(P, 1, &r));
     TS_TRY(mk_bin(P, JOP_POW, line, *out, r, out));
   }
@@ -423,7 +423,7 @@ static int parse_math2(parser *P, jnode **out) {
            : is_op(t, "%") ? JOP_MOD : -1;
     if (op < 0) return 0;
     adv(P);
-    jnode *r;
+    jnode *r = NULL;
     TS_TRY(parse_pow(P, &r));
     TS_TRY(mk_bin(P, op, t->line, *out, r, out));
   }
@@ -434,7 +434,7 @@ static int parse_concat(parser *P, jnode **out) {
   while (is_op(cur(P), "~")) {
     int line = cur(P)->line;
     adv(P);
-    jnode *r;
+    jnode *r = NULL;
     TS_TRY(parse_math2(P, &r));
     TS_TRY(mk_bin(P, JOP_CONCAT, line, *out, r, out));
   }
@@ -448,14 +448,14 @@ static int parse_math1(parser *P, jnode **out) {
     int op = is_op(t, "+") ? JOP_ADD : is_op(t, "-") ? JOP_SUB : -1;
     if (op < 0) return 0;
     adv(P);
-    jnode *r;
+    jnode *r = NULL;
     TS_TRY(parse_concat(P, &r));
     TS_TRY(mk_bin(P, op, t->line, *out, r, out));
   }
 }
 
 static int parse_compare(parser *P, jnode **out) {
-  jnode *first;
+  jnode *first = NULL;
   TS_TRY(parse_math1(P, &first));
   nvec rest = {0};
   uint8_t ops[64];
@@ -471,7 +471,7 @@ static int parse_compare(parser *P, jnode **out) {
     if (op < 0) break;
     if (rest.n >= sizeof ops) return perr(P, "%s", "too many chained comparisons");
     adv(P);
-    jnode *r;
+    jnode *r = NULL;
     TS_TRY(parse_math1(P, &r));
     ops[rest.n] = (uint8_t)op;
     TS_TRY(nv_push(P, &rest, r));
@@ -561,7 +561,7 @@ static int parse_tuple(parser *P, int with_cond, int explicit_parens, jnode **ou
   for (;;) {
     if (items.n) TS_TRY(expect_op(P, ","));
     if (tuple_end(P)) break;
-    jnode *e;
+    jnode *e = NULL;
     TS_TRY(parse_expr(P, with_cond, &e));
     TS_TRY(nv_push(P, &items, e));
     if (is_op(cur(P), ",")) is_tuple = 1;
@@ -664,7 +664,7 @@ static int parse_if(parser *P, jnode **out) {
   if (!strcmp(b, "elif")) {
     n->op = 1; /* orelse holds the elif chain */
     adv(P);
-    jnode *e;
+    jnode *e = NULL;
     TS_TRY(parse_if(P, &e));
     nvec v = {0};
     TS_TRY(nv_push(P, &v, e));
@@ -718,7 +718,7 @@ static int parse_for(parser *P, jnode **out) {
 static int parse_set(parser *P, jnode **out) {
   int line = cur(P)->line;
   adv(P);
-  jnode *target;
+  jnode *target = NULL;
   TS_TRY(parse_target(P, 1, &target));
   if (is_op(cur(P), "=")) {
     adv(P);
@@ -795,7 +795,7 @@ static int parse_filter_block(parser *P, jnode **out) {
   jnode *chain = NULL;
   do {
     if (chain) adv(P); /* '|' */
-    jnode *f;
+    jnode *f = NULL;
     TS_TRY(parse_filter(P, &f));
     f->a = chain;
     chain = f;

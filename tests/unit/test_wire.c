@@ -296,7 +296,7 @@ static void test_control(test_rng *r) {
   wire_buf_init(&w);
   ts_err err = {0};
   wire_header h;
-  const uint8_t *p;
+  const uint8_t *p = NULL;
   for (int it = 0; it < 20; it++) {
     wire_hello a, b;
     random_hello(r, &a);
