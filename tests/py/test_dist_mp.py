@@ -1,6 +1,6 @@
 """Black-box tests of `tessera serve --distributed-executor-backend mp`: tensor-parallel,
 pipeline-parallel and combined layouts give the same greedy texts as one process (uni) on
-stories260K and on random tiny Qwen3 and Llama checkpoints; the OpenAI API over T=2 x P=2
+stories260K and on random tiny Qwen3 and Llama checkpoints (HF and GGUF); the OpenAI API over T=2 x P=2
 (streaming and not); the layout and worker log lines; settable layer splits; clear start-up errors
 for layouts the model cannot take."""
 import json
@@ -19,6 +19,8 @@ _uni_cache = {}
 def model_path(name, shared, checkpoints):
     if name == "stories260K":
         return shared / "models" / "stories260K-hf"
+    if name.endswith(".gguf"):
+        return checkpoints[name[:-5]]["gguf"]
     return checkpoints[name]["hf"]
 
 
@@ -32,7 +34,7 @@ def greedy_texts(tessera, model, prompts, *args):
 
 @pytest.mark.parametrize("name,tp,pp", [
     ("stories260K", 2, 1), ("stories260K", 1, 2), ("stories260K", 2, 2),
-    ("tiny-qwen3", 2, 2), ("tiny-llama", 2, 2), ("tiny-qwen3", 2, 1)])
+    ("tiny-qwen3", 2, 2), ("tiny-llama", 2, 2), ("tiny-qwen3", 2, 1), ("tiny-llama.gguf", 2, 2)])
 def test_mp_matches_uni(tessera, shared, checkpoints, name, tp, pp):
     model = model_path(name, shared, checkpoints)
     if name not in _uni_cache:
