@@ -10,9 +10,19 @@ Targets (repeatable, any mix):
   --llama-server BIN MODEL.gguf start llama.cpp's server on a free port (extra: --llama-args)
   --url NAME=http://host:port   an already running OpenAI-compatible server
 
+--max-concurrency takes a list (1,4,16): the servers stay up and every level runs on every
+target; --rounds N repeats each level N times with the targets' order alternating (A B, B A, ...)
+so that a noisy machine hurts both alike; the summary gives per-target medians over the rounds,
+the ratio of each target to the first one, and each target's scaling over its lowest level.
+Every request asks for exactly its output length (ignore_eos); requests that came back with a
+different number of tokens are counted as length_mismatch, since they would skew the comparison.
+
 Example:
   bench/serve_bench.py --tessera build/tessera ../shared/models/stories260K-hf \\
       --num-prompts 200 --request-rate 50 --input-len 64 --output-len 64 --max-concurrency 32
+  bench/serve_bench.py --tessera build/tessera MODEL_DIR --llama-server llama-server MODEL.gguf \\
+      --llama-args "-t 2 -np 16 -c 8192" --max-concurrency 1,4,16 --num-prompts 4,8,32 \\
+      --input-len 64:128 --output-len 64 --rounds 2 --markdown
 """
 import argparse
 import asyncio
@@ -132,17 +142,17 @@ async def one_request(client, model, prompt, max_tokens, rec):
         end = time.perf_counter()
         out_tokens = usage.completion_tokens if usage else n_chunks
         rec.append(dict(ok=True, ttft=(first or end) - t0, e2e=end - t0, itl=gaps,
-                        out=out_tokens, inp=usage.prompt_tokens if usage else 0))
+                        out=out_tokens, want=max_tokens, inp=usage.prompt_tokens if usage else 0))
     except Exception as e:  # a failed request is counted, never fatal
         rec.append(dict(ok=False, error=f"{type(e).__name__}: {e}"))
 
 
-async def run_target(target, work, args):
+async def run_target(target, work, args, concurrency):
     import openai
     client = openai.AsyncOpenAI(base_url=target.url + "/v1", api_key=args.api_key or "none",
                                 max_retries=0, timeout=args.timeout)
     rng = random.Random(args.seed + 1)
-    sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+    sem = asyncio.Semaphore(concurrency) if concurrency else None
     rec, tasks = [], []
 
     async def limited(prompt, n_out):
@@ -182,7 +192,7 @@ def summarize(rec, duration, percentiles):
     s = dict(completed=len(ok), failed=len(rec) - len(ok), duration_s=duration,
              request_throughput=len(ok) / duration, output_throughput=out_tok / duration,
              total_token_throughput=(in_tok + out_tok) / duration, input_tokens=in_tok,
-             output_tokens=out_tok)
+             output_tokens=out_tok, length_mismatch=sum(r["out"] != r["want"] for r in ok))
     for name, xs in (("ttft_ms", [r["ttft"] for r in ok]), ("tpot_ms", tpot), ("itl_ms", itl),
                      ("e2e_ms", [r["e2e"] for r in ok])):
         s[f"mean_{name}"] = statistics.fmean(xs) * 1e3 if xs else float("nan")
@@ -197,18 +207,71 @@ def summarize(rec, duration, percentiles):
 
 def print_table(results):
     names = list(results)
-    keys = [k for k in results[names[0]] if k != "first_error"]
+    keys = [k for k in results[names[0]] if k not in ("first_error", "loadavg")]
     width = max(len(k) for k in keys) + 2
-    print("".join([f"{'':<{width}}"] + [f"{n:>16}" for n in names]))
+    colw = max(16, max(len(n) for n in names) + 2)
+    print("".join([f"{'':<{width}}"] + [f"{n:>{colw}}" for n in names]))
     for k in keys:
         row = [f"{k:<{width}}"]
         for n in names:
             v = results[n].get(k, float("nan"))
-            row.append(f"{v:>16.2f}" if isinstance(v, float) else f"{v:>16}")
+            row.append(f"{v:>{colw}.2f}" if isinstance(v, float) else f"{v:>{colw}}")
         print("".join(row))
     for n in names:
         if "first_error" in results[n]:
             print(f"{n}: first error: {results[n]['first_error']}")
+
+
+SUMMARY_KEYS = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms",
+                "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms")
+
+
+def summarize_sweep(runs, names, levels):
+    """Median over rounds of each key, per (target, level); ratios to the first target and scaling
+    of output tokens/s over each target's lowest level."""
+    med = {}
+    for n in names:
+        for c in levels:
+            rs = [r["result"] for r in runs if r["target"] == n and r["concurrency"] == c]
+            med[n, c] = {k: statistics.median(r[k] for r in rs) for k in SUMMARY_KEYS}
+    return med
+
+
+def print_sweep(runs, names, levels, markdown):
+    med = summarize_sweep(runs, names, levels)
+    base = names[0]
+    if markdown:
+        print("| concurrency | target | output tok/s | req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
+              "| ITL p50 / p99 ms | tok/s vs " + base + " | tok/s vs own c=" + str(levels[0]) + " |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    else:
+        print(f"{'conc':>5} {'target':<16} {'out tok/s':>10} {'req/s':>7} {'TTFT p50/p99':>17} "
+              f"{'TPOT p50/p99':>15} {'ITL p50/p99':>15} {'vs ' + base:>14} {'scaling':>8}")
+    for c in levels:
+        for n in names:
+            m = med[n, c]
+            ratio = m["output_throughput"] / med[base, c]["output_throughput"]
+            scale = m["output_throughput"] / med[n, levels[0]]["output_throughput"]
+            ttft = f"{m['median_ttft_ms']:.0f} / {m['p99_ttft_ms']:.0f}"
+            tpot = f"{m['median_tpot_ms']:.0f} / {m['p99_tpot_ms']:.0f}"
+            itl = f"{m['median_itl_ms']:.0f} / {m['p99_itl_ms']:.0f}"
+            if markdown:
+                print(f"| {c} | {n} | {m['output_throughput']:.2f} | {m['request_throughput']:.3f} "
+                      f"| {ttft} | {tpot} | {itl} | {ratio:.2f}x | {scale:.2f}x |")
+            else:
+                print(f"{c:>5} {n:<16} {m['output_throughput']:>10.2f} "
+                      f"{m['request_throughput']:>7.3f} {ttft:>17} {tpot:>15} {itl:>15} "
+                      f"{ratio:>13.2f}x {scale:>7.2f}x")
+    bad = [r for r in runs if r["result"]["failed"] or r["result"]["length_mismatch"]]
+    for r in bad:
+        print(f"warning: {r['target']} at concurrency {r['concurrency']} round {r['round']}: "
+              f"{r['result']['failed']} failed, {r['result']['length_mismatch']} requests with "
+              f"another output length than asked; first error: "
+              f"{r['result'].get('first_error', '-')}")
+
+
+def int_list(spec):
+    return [int(x) for x in str(spec).split(",") if x != ""]
 
 
 def main():
@@ -222,10 +285,14 @@ def main():
     ap.add_argument("--url", action="append", help="NAME=URL of a running server")
     ap.add_argument("--model", default=None, help="model name for --url targets")
     ap.add_argument("--api-key", default=None)
-    ap.add_argument("--num-prompts", type=int, default=100)
+    ap.add_argument("--num-prompts", default="100",
+                    help="N, or one N per --max-concurrency level (4,8,32)")
     ap.add_argument("--request-rate", type=float, default=float("inf"),
                     help="Poisson arrival rate in requests/s (inf: all at once)")
-    ap.add_argument("--max-concurrency", type=int, default=0, help="0: unlimited")
+    ap.add_argument("--max-concurrency", default="0",
+                    help="0: unlimited; a list (1,4,16) runs each level in turn")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each level per target, the targets' order alternating")
     ap.add_argument("--input-len", default="64", help="N, LO:HI (uniform) or nMEAN,SD (normal)")
     ap.add_argument("--output-len", default="64", help="N, LO:HI (uniform) or nMEAN,SD (normal)")
     ap.add_argument("--percentiles", default="50,90,99")
@@ -234,32 +301,59 @@ def main():
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--startup-timeout", type=float, default=300)
     ap.add_argument("--json-out", help="write the results here as JSON")
+    ap.add_argument("--markdown", action="store_true", help="print the summary as a Markdown table")
     ap.add_argument("--verbose", action="store_true", help="show the servers' logs")
     args = ap.parse_args()
-    args.percentiles = [float(p) for p in args.percentiles.split(",") if p]
+    args.percentiles = sorted(set([float(p) for p in args.percentiles.split(",") if p] + [50, 99]))
+    levels = int_list(args.max_concurrency) or [0]
+    prompts = int_list(args.num_prompts)
+    if len(prompts) == 1:
+        prompts = prompts * len(levels)
+    if len(prompts) != len(levels):
+        ap.error("--num-prompts needs one value or one per --max-concurrency level")
     targets = start_targets(args)
     if not targets:
         ap.error("give at least one target (--tessera, --llama-server or --url)")
-    work = make_workload(args)
-    results = {}
+    names = []
+    for t in targets:
+        t.label = t.name if t.name not in names else f"{t.name}#{len(names)}"
+        names.append(t.label)
+    runs = []
     try:
         for t in targets:
             wait_healthy(t.url, t.proc, args.startup_timeout)
             if t.model is None:
                 with urllib.request.urlopen(t.url + "/v1/models") as r:
                     t.model = json.load(r)["data"][0]["id"]
-            label = t.name if t.name not in results else f"{t.name}#{len(results)}"
-            print(f"== {label} at {t.url}", file=sys.stderr)
-            results[label] = asyncio.run(run_target(t, work, args))
-            t.stop()
+        for c, n_prompts in zip(levels, prompts):
+            args.num_prompts = n_prompts
+            work = make_workload(args)  # the same requests for every target and round
+            for rnd in range(args.rounds):
+                order = targets if rnd % 2 == 0 else targets[::-1]
+                for t in order:
+                    load0 = os.getloadavg()[0]
+                    print(f"== {t.label} at {t.url}: concurrency {c or 'unlimited'}, "
+                          f"{n_prompts} prompts, round {rnd + 1}/{args.rounds}, "
+                          f"load {load0:.2f}", file=sys.stderr)
+                    res = asyncio.run(run_target(t, work, args, c))
+                    res["loadavg"] = [load0, os.getloadavg()[0]]
+                    print(f"   {res['output_throughput']:.2f} output tok/s, "
+                          f"{res['failed']} failed, {res['length_mismatch']} length mismatches",
+                          file=sys.stderr)
+                    runs.append(dict(target=t.label, concurrency=c, round=rnd + 1,
+                                     num_prompts=n_prompts, result=res))
     finally:
         for t in targets:
             t.stop()
-    print_table(results)
+    if len(levels) == 1 and args.rounds == 1:
+        print_table({r["target"]: r["result"] for r in runs})
+    else:
+        print_sweep(runs, names, levels, args.markdown)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump(dict(config=vars(args), results=results), f, indent=2, default=str)
-    return 0 if all(r["failed"] == 0 for r in results.values()) else 1
+            json.dump(dict(config=vars(args), runs=runs), f, indent=2, default=str)
+    return 0 if all(r["result"]["failed"] == 0 and r["result"]["length_mismatch"] == 0
+                    for r in runs) else 1
 
 
 if __name__ == "__main__":
