@@ -12,6 +12,7 @@
 
 #include "backend/backend.h"
 #include "cli/cli.h"
+#include "dist/device_mem.h"
 #include "dist/executor_mp.h"
 #include "engine/engine.h"
 #include "hub/hub.h"
@@ -29,6 +30,7 @@ typedef struct {
   int max_num_seqs;
   int max_num_batched_tokens;
   long long kv_cache_memory;
+  double gpu_memory_utilization;
   int block_size;
   int enable_prefix_caching;
   const char *api_key;
@@ -57,6 +59,9 @@ static void usage(FILE *f) {
           "  --max-num-batched-tokens N       tokens per step (default max(2048, max-model-len))\n"
           "  --kv-cache-memory BYTES          KV-cache size (K/M/G suffixes; default: every\n"
           "                                   sequence at full length, at most 2 GiB)\n"
+          "  --gpu-memory-utilization F       --device cuda: share of each GPU's memory to use;\n"
+          "                                   the KV cache gets what the weights and activations\n"
+          "                                   leave of it (default 0.9; --kv-cache-memory wins)\n"
           "  --block-size N                   tokens per KV block (default 16)\n"
           "  --enable-prefix-caching | --no-enable-prefix-caching   (default on)\n"
           "  --api-key KEY                    require 'Authorization: Bearer KEY' on /v1/*\n"
@@ -105,7 +110,7 @@ static int parse_ll(const char *flag, const char *v, long long lo, long long hi,
 
 static int parse_args(int argc, char **argv, serve_opts *o) {
   *o = (serve_opts){.host = "0.0.0.0", .port = 8000, .max_num_seqs = 256,
-                    .kv_cache_memory = 0,
+                    .kv_cache_memory = 0, .gpu_memory_utilization = DEVICE_MEM_UTILIZATION_DEFAULT,
                     .block_size = 16, .enable_prefix_caching = 1, .device = "cpu", .tp = 1,
                     .pp = 1, .ray_placement_timeout = 60};
   for (int i = 1; i < argc; i++) {
@@ -170,6 +175,13 @@ static int parse_args(int argc, char **argv, serve_opts *o) {
 #undef INT_FLAG
     if (!strcmp(name, "--kv-cache-memory")) {
       if (parse_ll(name, v, 1, 1LL << 50, &o->kv_cache_memory) < 0) return -1;
+    } else if (!strcmp(name, "--gpu-memory-utilization")) {
+      char *end;
+      o->gpu_memory_utilization = strtod(v, &end);
+      if (end == v || *end || !(o->gpu_memory_utilization > 0 && o->gpu_memory_utilization <= 1)) {
+        fprintf(stderr, "tessera serve: %s expects a number in (0, 1], got '%s'\n", name, v);
+        return -1;
+      }
     } else if (!strcmp(name, "--seed")) {
       if (parse_ll(name, v, INT64_MIN / 2, INT64_MAX / 2, &o->seed) < 0) return -1;
     } else if (!strcmp(name, "--host")) {
@@ -320,6 +332,7 @@ int cmd_serve(int argc, char **argv) {
                              .device = o.device,
                              .threads = o.threads,
                              .max_tokens = step_tokens,
+                             .gpu_memory_utilization = o.gpu_memory_utilization,
                              .restart_workers = o.restart_workers,
                              .ray_address = o.ray_address,
                              .ray_device_key = o.ray_device_key,
@@ -344,6 +357,14 @@ int cmd_serve(int argc, char **argv) {
                       .kv_cache_bytes = o.kv_cache_memory,
                       .enable_prefix_caching = o.enable_prefix_caching,
                       .seed = (uint64_t)o.seed};
+  /* On a GPU (vLLM's rule) the KV cache takes the device memory the model left within
+   * --gpu-memory-utilization, unless --kv-cache-memory says how much. */
+  if (ec.kv_cache_bytes <= 0 && distributed) {
+    ec.kv_cache_bytes = ex->info.kv_bytes_limit;
+  } else if (ec.kv_cache_bytes <= 0 &&
+             device_kv_budget(be, o.gpu_memory_utilization, &ec.kv_cache_bytes, &err) < 0) {
+    goto fail;
+  }
   if (distributed ? engine_create_with_executor(&e, ex, tok, &ec, &err) < 0
                   : engine_create(&e, m, tok, &ec, &err) < 0)
     goto fail;

@@ -16,7 +16,8 @@ static void usage(FILE *f) {
           "usage: tessera worker --driver HOST:PORT --rank R --world-size N --tp T --pp P\n"
           "                      --model PATH --group HEX [--device cpu|cuda] [--unit U]\n"
           "                      [--node-ip IP] [--threads N] [--layer-split a,b,...]\n"
-          "                      [--max-tokens N] [--secret-env NAME]\n\n"
+          "                      [--max-tokens N] [--secret-env NAME]\n"
+          "                      [--gpu-memory-utilization F]\n\n"
           "Started by 'tessera serve --distributed-executor-backend mp|ray'; the launch secret\n"
           "is read from $TESSERA_SECRET (or the variable --secret-env names).\n");
 }
@@ -61,6 +62,12 @@ int cmd_worker(int argc, char **argv) {
     else if (!strcmp(a, "--threads")) bad = parse_int(a, v, 0, 4096, &c.threads);
     else if (!strcmp(a, "--layer-split")) c.layer_split = v;
     else if (!strcmp(a, "--max-tokens")) bad = parse_int(a, v, 1, 1 << 24, &c.max_tokens);
+    else if (!strcmp(a, "--gpu-memory-utilization")) {
+      char *end;
+      c.gpu_memory_utilization = strtod(v, &end);
+      bad = *end || !(c.gpu_memory_utilization > 0 && c.gpu_memory_utilization <= 1);
+      if (bad) fprintf(stderr, "tessera worker: %s expects a number in (0, 1], got '%s'\n", a, v);
+    }
     else if (!strcmp(a, "--secret-env")) secret_env = v;
     else if (!strcmp(a, "--group")) group = v;
     else {

@@ -23,6 +23,8 @@ typedef struct {
   int max_pos;        /* max_position_embeddings: the longest context the model supports */
   int max_tokens;     /* most tokens one step may carry (activation buffers were sized for it) */
   int64_t kv_bytes_per_token; /* KV cache bytes one token takes on the largest worker */
+  int64_t kv_bytes_limit;     /* KV bytes the tightest worker's GPU has room for
+                                 (--gpu-memory-utilization); 0: no device limit */
   int bos_id;         /* -1 when none */
   int n_eos;
   int eos_ids[MODEL_MAX_EOS]; /* ids that end generation according to the model config */

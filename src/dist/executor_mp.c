@@ -147,6 +147,10 @@ static int base_argv(mp_impl *im, const char **argv, char bufs[][300], int *n) {
   if (im->layer_split) {
     argv[k++] = "--layer-split"; argv[k++] = im->layer_split;
   }
+  if (im->cfg.gpu_memory_utilization > 0) {
+    snprintf(bufs[7], 300, "%.17g", im->cfg.gpu_memory_utilization);
+    argv[k++] = "--gpu-memory-utilization"; argv[k++] = bufs[7];
+  }
   argv[k] = NULL;
   *n = k;
   return 0;
@@ -382,6 +386,10 @@ static int launch_all(mp_impl *im, ts_err *err) {
   int joined = 0;
   while (rc == 0 && joined < im->world) {
     if ((rc = check_processes(im, err)) < 0) break;
+    if (__atomic_load_n(&im->stop, __ATOMIC_ACQUIRE)) {
+      rc = ts_errorf(err, TS_ECANCELED, "shutting down while the workers were starting");
+      break;
+    }
     if (net_now_ms() > deadline) {
       char missing[256] = "";
       size_t off = 0;
@@ -423,6 +431,10 @@ static int launch_all(mp_impl *im, ts_err *err) {
       if (rc != TS_ETIMEOUT || net_now_ms() >= dl) break;
       /* Still setting up: keep an eye on the processes while waiting. */
       if ((rc = check_processes(im, err)) < 0) break;
+      if (__atomic_load_n(&im->stop, __ATOMIC_ACQUIRE)) {
+        rc = ts_errorf(err, TS_ECANCELED, "shutting down while the workers were starting");
+        break;
+      }
       until = net_now_ms() + 200;
     }
     if (rc == 0) rc = wire_decode_info(im->in.payload, im->in.len, &im->w[r].info, err);
@@ -857,7 +869,7 @@ static void mp_shutdown(executor *ex) {
   mp_impl *im = ex->impl;
   if (im->monitor_started) {
     pthread_mutex_lock(&im->mu);
-    im->stop = 1;
+    __atomic_store_n(&im->stop, 1, __ATOMIC_RELEASE); /* also read by a relaunch, without mu */
     pthread_cond_broadcast(&im->cv);
     pthread_mutex_unlock(&im->mu);
     pthread_join(im->monitor, NULL);
@@ -991,6 +1003,9 @@ int executor_mp_create(executor **out, const executor_mp_config *cfg, ts_err *er
     if (w[r].info.max_tokens < ex->info.max_tokens) ex->info.max_tokens = w[r].info.max_tokens;
     if (w[r].info.kv_bytes_per_token > ex->info.kv_bytes_per_token)
       ex->info.kv_bytes_per_token = w[r].info.kv_bytes_per_token;
+    int64_t lim = w[r].info.kv_bytes_limit;
+    if (lim > 0 && (ex->info.kv_bytes_limit == 0 || lim < ex->info.kv_bytes_limit))
+      ex->info.kv_bytes_limit = lim;
   }
   ex->info.max_inflight = cfg->pp < MP_MAX_INFLIGHT ? cfg->pp : MP_MAX_INFLIGHT;
   log_layout(im);

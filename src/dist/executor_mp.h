@@ -20,6 +20,7 @@ typedef struct {
   const char *device;          /* cpu | cuda */
   int threads;                 /* per worker; 0: this machine's cores shared out (mp) */
   int max_tokens;              /* most tokens one step may carry */
+  double gpu_memory_utilization; /* CUDA workers: share of each GPU to use (0: 0.9) */
   int restart_workers;
   int start_timeout_ms;        /* workers must join within this (0: 120 s; Ray adds placement) */
   const char *ray_address;     /* NULL: "auto" */

@@ -674,6 +674,7 @@ int wire_decode_error(const uint8_t *p, size_t n, wire_error *out, ts_err *err) 
 
 static int info_check(const wire_info *i, ts_err *err) {
   if (i->vocab_size <= 0 || i->max_pos < 0 || i->max_tokens < 0 || i->kv_bytes_per_token < 0 ||
+      i->kv_bytes_limit < 0 ||
       i->bos_id < -1 || i->n_eos < 0 || i->n_eos > WIRE_MAX_EOS)
     return ts_errorf(err, TS_EPROTO, "bad model info (vocab %d, %d eos ids)", i->vocab_size,
                      i->n_eos);
@@ -687,6 +688,7 @@ int wire_encode_info(wire_buf *b, const wire_info *i, ts_err *err) {
   wire_put_i32(b, i->max_pos);
   wire_put_i32(b, i->max_tokens);
   wire_put_u64(b, (uint64_t)i->kv_bytes_per_token);
+  wire_put_u64(b, (uint64_t)i->kv_bytes_limit);
   wire_put_i32(b, i->bos_id);
   wire_put_u32(b, (uint32_t)i->n_eos);
   wire_put_i32_array(b, i->eos_ids, (size_t)i->n_eos);
@@ -701,6 +703,7 @@ int wire_decode_info(const uint8_t *p, size_t n, wire_info *out, ts_err *err) {
   out->max_pos = wire_get_i32(&r);
   out->max_tokens = wire_get_i32(&r);
   out->kv_bytes_per_token = (int64_t)wire_get_u64(&r);
+  out->kv_bytes_limit = (int64_t)wire_get_u64(&r);
   out->bos_id = wire_get_i32(&r);
   uint32_t ne = wire_get_u32(&r);
   if (r.failed || ne > WIRE_MAX_EOS) return ts_errorf(err, TS_EPROTO, "INFO header malformed");

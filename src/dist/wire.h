@@ -187,6 +187,7 @@ typedef struct {
   int32_t max_pos;             /* longest context the model supports */
   int32_t max_tokens;          /* most tokens one step may carry */
   int64_t kv_bytes_per_token;  /* on this worker */
+  int64_t kv_bytes_limit;      /* KV bytes this worker's GPU has room for; 0: no device limit */
   int32_t bos_id;              /* -1 when none */
   int32_t n_eos;
   int32_t eos_ids[WIRE_MAX_EOS];

@@ -10,7 +10,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "dist/comm_nccl.h"
 #include "dist/comm_tcp.h"
+#include "dist/device_mem.h"
 #include "dist/net.h"
 #include "model/model.h"
 #include "util/log.h"
@@ -137,6 +139,17 @@ static int join_driver(worker *w, ts_err *err) {
   return send_frame(w, w->drv_fd, err);
 }
 
+/* CUDA workers all-reduce device buffers through NCCL; the TCP group only hands out its id. */
+static int use_nccl(worker *w, ts_err *err) {
+  comm_nccl_config nc = {.rank = w->tp_rank, .size = w->cfg->tp, .bootstrap = w->tp_comm,
+                         .be = w->be};
+  comm *g = NULL;
+  int rc = comm_nccl_create(&nc, &g, err);
+  comm_destroy(w->tp_comm);
+  w->tp_comm = g;
+  return rc;
+}
+
 /* Rendezvous: the stage's all-reduce group and the links to the neighbouring stages. */
 static int join_peers(worker *w, ts_err *err) {
   const worker_config *c = w->cfg;
@@ -168,6 +181,7 @@ static int join_peers(worker *w, ts_err *err) {
     const char *t = getenv("TESSERA_COMM_TIMEOUT_MS");
     if (t && atoi(t) > 0) cc.io_timeout_ms = atoi(t);
     rc = comm_tcp_create(&cc, &w->tp_comm, err);
+    if (rc == 0 && !strcmp(c->device, "cuda")) rc = use_nccl(w, err);
     if (rc < 0) ts_err_prefix(err, "tensor-parallel group of stage %d", w->pp_rank);
     else w->m->tp_comm = w->tp_comm;
   }
@@ -216,6 +230,10 @@ static int send_info(worker *w, ts_err *err) {
   in.kv_bytes_per_token = 2 * (int64_t)m->w.n_layers * (m->cfg.n_kv_head / w->cfg->tp) *
                           m->cfg.head_dim * (int64_t)sizeof(float);
   for (int i = 0; i < in.n_eos; i++) in.eos_ids[i] = m->cfg.eos_ids[i];
+  /* After the weights, activations and NCCL's buffers: what is left of the GPU's share. */
+  double util = w->cfg->gpu_memory_utilization > 0 ? w->cfg->gpu_memory_utilization
+                                                   : DEVICE_MEM_UTILIZATION_DEFAULT;
+  TS_TRY(device_kv_budget(w->be, util, &in.kv_bytes_limit, err));
   wire_buf_reset(&w->out);
   TS_TRY(wire_encode_info(&w->out, &in, err));
   return send_frame(w, w->drv_fd, err);

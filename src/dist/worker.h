@@ -25,6 +25,7 @@ typedef struct {
   int threads;               /* 0: the backend's default */
   const char *layer_split;   /* "3,2": layers per stage; NULL: even */
   int max_tokens;            /* most tokens one step may carry */
+  double gpu_memory_utilization; /* CUDA: share of the GPU this worker may use (0: 0.9) */
   uint64_t group_id;         /* this launch */
   uint8_t secret[WIRE_SECRET_LEN];
 } worker_config;
