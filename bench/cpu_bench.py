@@ -10,6 +10,8 @@ written once as GGUF into --models-dir. For each model and weight type the two e
 alternately in one run (tessera, llama.cpp, tessera, ...), on the same thread count:
 prefill of --prompt tokens, decode of --gen tokens at batch 1, and tessera's decode at batch
 --batch (total tokens/s; llama-batched-bench is used for llama.cpp when the build has it).
+For BF16 weights on CPUs with AVX512-BF16, tessera also runs with --bf16-act (activations
+rounded to BF16, llama.cpp's arithmetic); its default keeps float32 activations.
 Prints each figure, the ratio tessera / llama.cpp, the machine's memory read bandwidth (from
 `tessera bench --membw`) and the decode roofline: bytes of weights read per token / bandwidth.
 The machine may be shared: only same-run ratios mean anything; the load average is printed.
@@ -66,10 +68,16 @@ def run_json(cmd):
     return [json.loads(l) for l in out.splitlines() if l.startswith("{")]
 
 
-def tessera_run(exe, model, threads, prompt, gen, batch):
+def tessera_run(exe, model, threads, prompt, gen, batch, extra=()):
     cmd = [exe, "bench", str(model), "--prompt-tokens", str(prompt), "--gen-tokens", str(gen),
-           "--batch", str(batch), "--threads", str(threads), "--json"]
+           "--batch", str(batch), "--threads", str(threads), "--json", *extra]
     return run_json(cmd)[-1]
+
+
+def bf16_act_supported(exe):
+    """Whether `tessera bench --bf16-act` runs here (AVX512-BF16)."""
+    flags = open("/proc/cpuinfo").read()
+    return " avx512_bf16" in flags
 
 
 def llama_run(bin_dir, model, threads, prompt, gen):
@@ -143,6 +151,9 @@ def main():
             wbytes = gguf_weight_bytes(path)
             roof = bw * 1e9 / wbytes
             ts_p, ts_d, ll_p, ll_d, ts_b = [], [], [], [], []
+            # tessera with llama.cpp's arithmetic for BF16 weights (activations rounded to BF16)
+            fast = qtype == "bf16" and bf16_act_supported(a.tessera)
+            fa_p, fa_d, fa_b = [], [], []
             llama_err = None
             for _ in range(a.reps):  # alternate the engines so load changes hit both
                 t = tessera_run(a.tessera, path, a.threads, a.prompt, a.gen, 1)
@@ -156,6 +167,13 @@ def main():
                     ll_d.append(ll.get("decode_tok_s"))
                 tb = tessera_run(a.tessera, path, a.threads, a.batch_prompt, a.batch_gen, a.batch)
                 ts_b.append(tb["decode_tok_s"])
+                if fast:
+                    f = tessera_run(a.tessera, path, a.threads, a.prompt, a.gen, 1, ["--bf16-act"])
+                    fa_p.append(f["prefill_tok_s"])
+                    fa_d.append(f["decode_tok_s"])
+                    fb = tessera_run(a.tessera, path, a.threads, a.batch_prompt, a.batch_gen,
+                                     a.batch, ["--bf16-act"])
+                    fa_b.append(fb["decode_tok_s"])
             med = lambda v: statistics.median(v) if v and None not in v else None
             llb = llama_batched(a.llama_bin_dir, path, a.threads, a.batch_prompt, a.batch_gen,
                                 a.batch)
@@ -164,10 +182,18 @@ def main():
                      llama_prefill=med(ll_p), llama_decode=med(ll_d),
                      tessera_batch_decode=med(ts_b), llama_batch_decode=llb,
                      llama_error=llama_err, load=os.getloadavg()[0])
+            if fast:
+                r.update(tessera_bf16act_prefill=med(fa_p), tessera_bf16act_decode=med(fa_d),
+                         tessera_bf16act_batch_decode=med(fa_b))
             results.append(r)
             rows = [(f"prefill {a.prompt} tok/s", r["tessera_prefill"], r["llama_prefill"]),
                     (f"decode b1 tok/s", r["tessera_decode"], r["llama_decode"]),
                     (f"decode b{a.batch} tok/s", r["tessera_batch_decode"], llb)]
+            if fast:
+                rows += [(f"prefill {a.prompt} bf16-act", r["tessera_bf16act_prefill"],
+                          r["llama_prefill"]),
+                         ("decode b1 bf16-act", r["tessera_bf16act_decode"], r["llama_decode"]),
+                         (f"decode b{a.batch} bf16-act", r["tessera_bf16act_batch_decode"], llb)]
             for name, x, y in rows:
                 print(f"{preset:14} {qtype:5} {name:22} {fmt(x)} {fmt(y):>9} {ratio(x, y):>7}")
             b1 = r["tessera_decode"]

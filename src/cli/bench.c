@@ -14,6 +14,7 @@
 #endif
 
 #include "backend/backend.h"
+#include "backend/cpu/cpu_backend.h"
 #include "cli/cli.h"
 #include "hub/hub.h"
 #include "model/model.h"
@@ -24,7 +25,7 @@
 typedef struct {
   const char *model, *device;
   long prompt, gen, batch, threads, warmup;
-  int json, membw;
+  int json, membw, bf16_act;
 } bench_args;
 
 static void usage(FILE *f) {
@@ -41,6 +42,8 @@ static void usage(FILE *f) {
           "  --threads N         CPU threads, 0 = all cores (default 0)\n"
           "  --device D          cpu or cuda (default cpu)\n"
           "  --json              print one JSON object instead of text\n"
+          "  --bf16-act          cpu: BF16 weights multiply activations rounded to BF16\n"
+          "                      (AVX512-BF16 dot products, as llama.cpp computes)\n"
           "\n"
           "tessera bench --membw [--threads N] [--json] measures the memory read bandwidth\n"
           "instead (the decode roofline is weight bytes per token / this).\n");
@@ -67,6 +70,10 @@ static int parse_args(int argc, char **argv, bench_args *a) {
     }
     if (!strcmp(f, "--json")) {
       a->json = 1;
+      continue;
+    }
+    if (!strcmp(f, "--bf16-act")) {
+      a->bf16_act = 1;
       continue;
     }
     if (!strcmp(f, "--membw")) {
@@ -156,6 +163,13 @@ static int run(const bench_args *a, ts_err *err) {
   const int B = (int)a->batch, P = (int)a->prompt, G = (int)a->gen, W = (int)a->warmup;
   int max_tokens = P > B ? P : B;
   if ((rc = backend_create(&s.be, a->device, (int)a->threads, err)) < 0) goto done;
+  if (a->bf16_act) {
+    if (strcmp(a->device, "cpu") != 0 || !cpu_backend_set_bf16_act(s.be, 1)) {
+      rc = ts_errorf(err, TS_EUNSUPPORTED, "--bf16-act needs the cpu device on a CPU with "
+                                           "AVX512-BF16");
+      goto done;
+    }
+  }
   if ((rc = model_load(&s.m, path, NULL, s.be, max_tokens, err)) < 0) goto done;
   const model_config *c = &s.m->cfg;
   int ctx = P + W + G + 1;

@@ -301,6 +301,9 @@ int backend_cpu_create(backend **out, int threads, ts_err *err) {
   }
   c->n_threads = threadpool_size(c->pool);
   c->isa_max = c->simd = cpu_has_simd();
+#if defined(__x86_64__)
+  c->has_bf16 = c->isa_max >= CPU_ISA_AVX512 && __builtin_cpu_supports("avx512bf16");
+#endif
   LOG_I("cpu backend: %d threads, %s kernels", c->n_threads, isa_name(c->simd));
   *out = b;
   return 0;
@@ -309,6 +312,12 @@ int backend_cpu_create(backend **out, int threads, ts_err *err) {
 void cpu_backend_force_scalar(backend *b, int on) {
   cpu_ctx *c = b->ctx;
   c->simd = on ? CPU_ISA_SCALAR : c->isa_max;
+}
+
+int cpu_backend_set_bf16_act(backend *b, int on) {
+  cpu_ctx *c = b->ctx;
+  c->bf16_act = on && c->has_bf16;
+  return c->bf16_act;
 }
 
 int cpu_backend_set_isa(backend *b, int level) {

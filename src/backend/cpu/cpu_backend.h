@@ -24,6 +24,8 @@ typedef struct {
   int n_threads;
   int simd;     /* kernel level in use: CPU_ISA_SCALAR .. isa_max */
   int isa_max;  /* best level this CPU supports */
+  int has_bf16; /* AVX512-BF16 (vdpbf16ps) */
+  int bf16_act; /* opt-in: BF16 weights multiply activations rounded to BF16 (llama.cpp's way) */
 
   /* The staged step (step_begin). */
   int n_tokens;
@@ -58,6 +60,10 @@ typedef struct {
 int backend_cpu_create(backend **out, int threads, ts_err *err);
 /* Tests: force the portable kernels (on = 1) or re-enable SIMD when the CPU has it (on = 0). */
 void cpu_backend_force_scalar(backend *b, int on);
+/* Opt-in: BF16 weights multiply activations rounded to BF16 with AVX512-BF16 dot products, as
+ * llama.cpp does (about twice the arithmetic rate; activations keep ~3 significant digits).
+ * Returns 1 when the CPU can (and the mode is now on), 0 otherwise (mode stays off). */
+int cpu_backend_set_bf16_act(backend *b, int on);
 /* Tests: use kernel level min(level, what the CPU has); returns the level in use. */
 int cpu_backend_set_isa(backend *b, int level);
 
@@ -89,6 +95,7 @@ typedef struct {
   const ts_tensor *bias;
   int64_t n, k, m;
   float *y; /* [n][m] */
+  int bf16_x; /* x was rounded to bf16 into c->act ([n][k] uint16) */
 } cpu_mm_args;
 
 /* AVX-512 kernels for F32/F16/BF16 weights (matmul_avx512.c): rows [r0, r1) of y. */
