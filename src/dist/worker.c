@@ -145,6 +145,7 @@ static int use_nccl(worker *w, ts_err *err) {
                          .be = w->be};
   comm *g = NULL;
   int rc = comm_nccl_create(&nc, &g, err);
+  if (rc == 0) LOG_I("worker %d: tensor-parallel group of %d over NCCL", w->cfg->rank, nc.size);
   comm_destroy(w->tp_comm);
   w->tp_comm = g;
   return rc;
