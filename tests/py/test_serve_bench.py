@@ -2,12 +2,12 @@
 of concurrency levels over two targets with alternating rounds returns every request at exactly
 its asked length, and a server that cannot give the asked lengths makes the run fail."""
 import json
+import pathlib
 import random
 import subprocess
 import sys
 
-from conftest import ROOT
-
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "serve_bench.py"
 
 
