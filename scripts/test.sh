@@ -23,6 +23,7 @@ for f in build-asan/fuzz_*; do
   [ -d "$corpus" ] && args+=("$corpus")
   echo "-- $name (${FUZZ_SECONDS}s)"
   "$f" -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=2048 -print_final_stats=0 \
+    -artifact_prefix=build-asan/ \
     "${args[@]}" 2>&1 | tail -n 2
 done
 

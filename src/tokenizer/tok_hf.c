@@ -180,9 +180,12 @@ static int load_decoder(struct tokenizer *t, const json_t *d, ts_err *err) {
     if (!pat || is_re || !json_is_string(c))
       return ts_errorf(err, TS_EUNSUPPORTED, "Replace decoder: only string patterns are supported");
     dc->kind = TOK_DEC_REPLACE;
-    if (dup2(&dc->a, &dc->alen, pat, plen) ||
-        dup2(&dc->b, &dc->blen, json_string_value(c), json_string_length(c)))
+    if (dup2(&dc->a, &dc->alen, pat, plen)) return TS_ENOMEM;
+    if (dup2(&dc->b, &dc->blen, json_string_value(c), json_string_length(c))) {
+      free(dc->a); /* the step is not counted yet, so tok_free would not release it */
+      dc->a = NULL;
       return TS_ENOMEM;
+    }
   } else if (!strcmp(type, "Strip")) {
     const json_t *c = json_object_get(d, "content");
     const char *cs = json_string_value(c);
@@ -191,14 +194,14 @@ static int load_decoder(struct tokenizer *t, const json_t *d, ts_err *err) {
         (size_t)(l = tok_utf8_seq((const unsigned char *)cs, json_string_length(c), &partial)) !=
             json_string_length(c))
       return ts_errorf(err, TS_EFORMAT, "Strip decoder: 'content' must be one character");
-    dc->kind = TOK_DEC_STRIP;
-    if (dup2(&dc->a, &dc->alen, cs, (size_t)l)) return TS_ENOMEM;
     json_int_t st = json_integer_value(json_object_get(d, "start"));
     json_int_t sp = json_integer_value(json_object_get(d, "stop"));
     if (st < 0 || sp < 0 || st > 1000000 || sp > 1000000)
       return ts_errorf(err, TS_EFORMAT, "Strip decoder: bad start/stop");
+    dc->kind = TOK_DEC_STRIP;
     dc->start = (int)st;
     dc->stop = (int)sp;
+    if (dup2(&dc->a, &dc->alen, cs, (size_t)l)) return TS_ENOMEM;
   } else {
     return ts_errorf(err, TS_EUNSUPPORTED, "unsupported decoder '%s'", type);
   }
