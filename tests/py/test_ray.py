@@ -2,7 +2,10 @@
 network namespace with its own address (tests/py/netns.py). Placement, unit assignment, the
 visibility variable and the secret as workers see them, worker/actor/launcher deaths, and every
 failure message: missing key, too few units, busy units, address mismatch, Ray absent, no
-cluster. The workers here are small Python programs that record what they were given."""
+cluster. The workers here are small Python programs that record what they were given. End to
+end, `tessera serve --distributed-executor-backend ray` with T=2, P=2 and T=2 x P=2 across both
+nodes gives the same greedy texts as uni on stories260K and on tiny random Qwen3 and Llama
+checkpoints."""
 import json
 import os
 import pathlib
@@ -25,6 +28,7 @@ import netns  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PYDIR = ROOT / "python"
 PACK_UNITS = 3  # units of the pack-test key on node 1
+NODE_UNITS = 2  # units of "tessera_cpu" on each node: T=2 x P=2 fits across the two nodes
 
 WORKER = r"""
 import json, os, sys, time
@@ -71,8 +75,8 @@ def cluster(tmp_path_factory):
     if why:
         pytest.skip(why)
     # A short temp dir: Ray's unix sockets live under it and their paths must stay < 108 bytes.
-    c = netns.RayCluster([{"tessera_cpu": 1, "ts_head": 1},
-                          {"tessera_cpu": 1, "ts_pack": PACK_UNITS}],
+    c = netns.RayCluster([{"tessera_cpu": NODE_UNITS, "ts_head": 1},
+                          {"tessera_cpu": NODE_UNITS, "ts_pack": PACK_UNITS}],
                          tempfile.mkdtemp(prefix="tsray", dir="/tmp"))
     try:
         c.start()
@@ -203,7 +207,7 @@ def test_spread_places_workers_on_both_nodes(cluster, tmp_path):
         for r, rec in recs.items():
             ip, unit = placed[r]
             assert rec["flags"] == ["--rank", str(r), "--unit", unit, "--node-ip", ip]
-            assert unit == "0"  # one unit per node
+            assert unit == "0"  # SPREAD: one worker per node, so each takes its node's first
             assert rec["dev"] == unit
             assert rec["secret"] == la.secret
             assert la.secret not in rec["cmdline"]
@@ -279,22 +283,25 @@ def test_missing_key(cluster, tmp_path):
 
 
 def test_too_few_units(cluster, tmp_path):
-    n = 3 + secrets.randbelow(3)
+    total = NODE_UNITS * len(cluster.ips)
+    n = total + 1 + secrets.randbelow(3)
     err = run_failing(cluster, tmp_path, n=n)
     assert 'cannot place %d workers (one unit of "tessera_cpu" each)' % n in err
-    assert 'has 2 units of "tessera_cpu"' in err
+    assert 'has %d units of "tessera_cpu"' % total in err
     assert "--resources='{\"tessera_cpu\": 1}'" in err
     for ip in cluster.ips:
         assert ip in err
 
 
 def test_busy_units_wait_then_fail(cluster, tmp_path):
-    holder = Launch(cluster, tmp_path, 2, strategy="SPREAD")
+    total = NODE_UNITS * len(cluster.ips)
+    holder = Launch(cluster, tmp_path, total, strategy="SPREAD")  # holds every unit
     try:
         holder.wait_ready()
         timeout = 6 + secrets.randbelow(3)
         err = run_failing(cluster, tmp_path, n=1, timeout=timeout, within=timeout + 30)
-        assert re.search(r'waiting for 1 unit of "tessera_cpu" \(2 in the cluster, 0 free', err)
+        assert re.search(r'waiting for 1 unit of "tessera_cpu" \(%d in the cluster, 0 free'
+                         % total, err)
         assert "cannot place 1 worker within %gs" % timeout in err
         assert "only 0 free" in err and "raise --ray-placement-timeout" in err
     finally:
@@ -443,24 +450,56 @@ def uni_reference(tessera, shared):
         s.proc.wait(30)
 
 
-@pytest.mark.parametrize("tp,pp,end", [(2, 1, "SIGTERM"), (1, 2, "SIGKILL")])
-def test_serve_across_nodes_matches_uni(cluster, tessera, uni_reference, tp, pp, end):
-    model, prompts, want = uni_reference
+_uni_cache = {}
+
+
+def model_and_want(name, tessera, shared, checkpoints, uni_reference):
+    """The model's path, prompts and uni's greedy texts: stories260K's from uni_reference, a tiny
+    checkpoint's from one uni server (outside the namespaces) the first time it is asked for."""
+    if name == "stories260K":
+        return uni_reference
+    if name not in _uni_cache:
+        from dist_helpers import Serve, rand_prompt
+        # An absolute path under the checkout: the namespaces share the filesystem, so the
+        # workers on both nodes open the same files.
+        model = checkpoints[name]["hf"].resolve()
+        prompts = [rand_prompt() for _ in range(3)]
+        s = Serve(tessera, model, "--max-model-len", 256)
+        try:
+            _uni_cache[name] = (model, prompts, s.complete(prompts, 24, ignore_eos=True))
+        finally:
+            s.proc.terminate()
+            s.proc.wait(30)
+    return _uni_cache[name]
+
+
+@pytest.mark.parametrize("name,tp,pp,end", [
+    ("stories260K", 2, 1, "SIGTERM"), ("stories260K", 1, 2, "SIGKILL"),
+    ("stories260K", 2, 2, "SIGTERM"), ("tiny-qwen3", 2, 2, "SIGKILL"),
+    ("tiny-llama", 2, 2, "SIGTERM")])
+def test_serve_across_nodes_matches_uni(cluster, tessera, shared, checkpoints, uni_reference,
+                                        name, tp, pp, end):
+    model, prompts, want = model_and_want(name, tessera, shared, checkpoints, uni_reference)
     s = NsServe(cluster, tessera, model, "--tensor-parallel-size", tp,
                 "--pipeline-parallel-size", pp, "--ray-placement-strategy", "SPREAD",
                 "--ray-placement-timeout", 30)
     try:
         assert s.complete(prompts, 24) == want, s.text()
         log = s.text()
-        nodes = set()
+        units = {}  # node -> the units its workers were given
         for r in range(tp * pp):
-            m = re.search(r"ray executor: rank %d -> node (\S+), unit 0, device cpu" % r, log)
+            m = re.search(r"ray executor: rank %d -> node (\S+), unit (\d+), device cpu" % r, log)
             assert m, log
-            nodes.add(m.group(1).rstrip(","))
+            node, unit = m.group(1).rstrip(","), m.group(2)
+            units.setdefault(node, []).append(unit)
             # The worker's own line, relayed from its node through Ray.
-            assert re.search(r"worker rank %d \(tp %d/%d, pp %d/%d\) on node %s, unit 0" % (
-                r, r % tp, tp, r // tp, pp, re.escape(m.group(1).rstrip(","))), log), log
-        assert nodes == set(cluster.ips), log
+            assert re.search(r"worker rank %d \(tp %d/%d, pp %d/%d\) on node %s, unit %s, "
+                             r"device cpu" % (r, r % tp, tp, r // tp, pp, re.escape(node), unit),
+                             log), log
+        assert set(units) == set(cluster.ips), log
+        # A node's workers are numbered 0, 1, ... on that node (a custom resource has no ids).
+        for node, got in units.items():
+            assert sorted(got) == [str(i) for i in range(len(got))], (node, log)
         assert len(tessera_workers(cluster)) == tp * pp
         if end == "SIGKILL":  # a driver that dies without a word takes its workers along
             s.proc.kill()
