@@ -149,8 +149,17 @@ async def one_request(client, model, prompt, max_tokens, rec):
 
 async def run_target(target, work, args, concurrency):
     import openai
+    # One connection per request, none kept alive: a server closing an idle keep-alive
+    # connection just as the client reuses it (llama-server's HTTP library does) otherwise shows
+    # up as a failed request that is the client's doing.
+    try:
+        import httpx2 as hx
+    except ImportError:
+        import httpx as hx
+    http = openai.DefaultAsyncHttpxClient(
+        limits=hx.Limits(max_connections=None, max_keepalive_connections=0), timeout=args.timeout)
     client = openai.AsyncOpenAI(base_url=target.url + "/v1", api_key=args.api_key or "none",
-                                max_retries=0, timeout=args.timeout)
+                                max_retries=0, timeout=args.timeout, http_client=http)
     rng = random.Random(args.seed + 1)
     sem = asyncio.Semaphore(concurrency) if concurrency else None
     rec, tasks = [], []
