@@ -67,10 +67,8 @@ int forward_scratch_create(model *m, ts_err *err) {
               {&s->v, T * nkv}, {&s->att, T * nh}, {&s->delta, T * d},  {&s->gate, T * ff},
               {&s->up, T * ff}, {&s->row_h, s->lc * d}, {&s->row_d, s->lc * d},
               {&s->row_x, s->lc * d}, {&s->logits, s->lc * (size_t)c->vocab_size}};
-  size_t total = 0;
   for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
     *want[i].p = m->be->ops->alloc(m->be->ctx, (want[i].n ? want[i].n : 1) * sizeof(float));
-    total += want[i].n * sizeof(float);
     if (!*want[i].p) {
       scratch_release(m->be, s);
       return ts_errorf(err, TS_ENOMEM,
@@ -86,7 +84,6 @@ int forward_scratch_create(model *m, ts_err *err) {
       return ts_errorf(err, TS_ENOMEM, "out of memory for the hidden-state buffer");
     }
   }
-  (void)total;
   m->scratch = s;
   return 0;
 }
