@@ -6,23 +6,18 @@ import http.client
 import json
 import os
 import pathlib
-import random
-import re
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
+from dist_helpers import RNG, WORDS, Serve
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-RNG = random.Random(int.from_bytes(os.urandom(4), "little"))
-WORDS = ("the cat dog ran sun tree big little girl boy happy sad play ball park went saw "
-         "Lily Tom friend day time once upon a there was").split()
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -33,31 +28,12 @@ def rand_text(n_words):
     return " ".join(RNG.choice(WORDS) for _ in range(n_words))
 
 
-class Server:
-    """One `tessera serve` process on a port the server picked itself (--port 0)."""
+class Server(Serve):
+    """One `tessera serve` process on a port the server picked itself (--port 0), with an
+    `openai` client pointed at it."""
 
     def __init__(self, exe, model, *args):
-        self.proc = subprocess.Popen([exe, "serve", str(model), "--host", "127.0.0.1", "--port",
-                                      "0", "--served-model-name", "tiny", *args],
-                                     stderr=subprocess.PIPE, text=True)
-        self.log = []
-        deadline = time.time() + 60
-        self.port = None
-        while time.time() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            m = re.search(r"on http://[^:]+:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-                break
-        if self.port is None:
-            self.proc.kill()
-            raise RuntimeError("server did not start:\n" + "".join(self.log))
-        # Keep draining stderr so the server never blocks on a full pipe.
-        threading.Thread(target=lambda: [self.log.append(l) for l in self.proc.stderr],
-                         daemon=True).start()
+        super().__init__(exe, model, *args)
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none",
                                     max_retries=0, timeout=60)
 
