@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import shutil
@@ -55,6 +56,10 @@ PRESETS = {
                          hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64, inter=8192,
                          vocab=128256, max_pos=131072, theta=500000.0, eps=1e-5, tied=True,
                          scaling=LLAMA3_SCALING_32, ids=LLAMA3_EOS),
+    "llama-3.1-8b": dict(arch="LlamaForCausalLM", model_type="llama", family="llama3",
+                         hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, inter=14336,
+                         vocab=128256, max_pos=131072, theta=500000.0, eps=1e-5, tied=False,
+                         scaling=LLAMA3_SCALING_31, ids=LLAMA3_EOS),
 }
 
 M64 = (1 << 64) - 1
@@ -330,8 +335,14 @@ def write_gguf(path, p, preset, tensors, dtype, tok_dir, gguf_type=None):
     w.close()
 
 
+def _encoded(job):
+    """Worker of --jobs: one tensor, made and encoded (a top-level function so it pickles)."""
+    seed, name, shape, kind, dtype = job
+    return name, encode(make_tensor(seed, name, shape, kind), dtype)[0]
+
+
 def generate(preset, out_dir, dtype="f32", shards=1, seed=0, gguf_path=None, tokenizers=None,
-             gguf_type=None):
+             gguf_type=None, jobs=1):
     p = PRESETS[preset]
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -356,6 +367,19 @@ def generate(preset, out_dir, dtype="f32", shards=1, seed=0, gguf_path=None, tok
             keep.append((name, a))
         return encode(a, dtype)[0]
 
+    pool = None
+    if jobs > 1 and not (gguf_path and not big):
+        # The tensors are independent: make them in worker processes, in the order the files
+        # are written, and hand each to the writer as it comes (the same bytes as one process).
+        order = [(seed, n, *kinds[n], dtype) for g in groups for n, _, _ in sorted(g)]
+        pool = multiprocessing.Pool(jobs)
+        made = pool.imap(_encoded, order)
+
+        def produce(name):  # noqa: F811 (the parallel variant of the one above)
+            got, arr = next(made)
+            assert got == name, (got, name)
+            return arr
+
     for gi, group in enumerate(groups):
         fname = ("model.safetensors" if len(groups) == 1
                  else f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors")
@@ -364,6 +388,9 @@ def generate(preset, out_dir, dtype="f32", shards=1, seed=0, gguf_path=None, tok
             weight_map[name] = fname
             total_bytes += int(np.prod(shape, dtype=np.int64)) * ST_BYTES[sd]
         write_safetensors(out / fname, entries, produce)
+    if pool:
+        pool.close()
+        pool.join()
     if len(groups) > 1:
         idx = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(idx, indent=2) + "\n")
@@ -394,13 +421,15 @@ def main(argv=None):
     ap.add_argument("--gguf", metavar="FILE", help="also write the weights as GGUF")
     ap.add_argument("--gguf-type", choices=["q8_0", "q4_0"],
                     help="quantize the GGUF's 2-D weights (default: --dtype)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="make the tensors in this many processes (same bytes)")
     ap.add_argument("--tokenizers", help="directory holding qwen3/ and llama3/ tokenizer dirs "
                     "(default: $TESSERA_SHARED/tokenizers or ../shared/tokenizers)")
     a = ap.parse_args(argv)
     if a.shards < 1:
         ap.error("--shards must be >= 1")
     generate(a.preset, a.out_dir, a.dtype, a.shards, a.seed, a.gguf, a.tokenizers,
-             a.gguf_type)
+             a.gguf_type, max(1, a.jobs))
     return 0
 
 
