@@ -403,12 +403,30 @@ static void test_row_ops(backend *be) {
 typedef struct {
   int *hits;
   int *by_thread; /* [3] items each thread ran (each thread writes only its own slot) */
+  int64_t n, min_chunk;
+  int bad_chunk;  /* a chunk that is empty, or not a whole number of min_chunk before the end */
+  int bad_thread; /* a thread index outside [0, 3) */
 } cover_arg;
 
 static void cover(void *arg, int64_t s, int64_t e, int thread) {
   cover_arg *a = arg;
+  if (thread < 0 || thread >= 3) {
+    a->bad_thread = 1;
+    return;
+  }
+  if (e <= s || s % a->min_chunk != 0 || (e < a->n && (e - s) % a->min_chunk != 0))
+    a->bad_chunk = 1;
   for (int64_t i = s; i < e; i++) a->hits[i]++;
   a->by_thread[thread] += (int)(e - s);
+}
+
+/* Work slow enough that the workers get to claim chunks of the job. */
+static void spin_items(void *arg, int64_t s, int64_t e, int thread) {
+  volatile double *acc = arg;
+  double x = 0;
+  for (int64_t i = s; i < e; i++)
+    for (int j = 0; j < 2000; j++) x += (double)(i ^ j) * 1e-9;
+  acc[thread] += x;
 }
 
 static void test_threadpool(void) {
@@ -416,24 +434,48 @@ static void test_threadpool(void) {
   ts_err err = {0};
   CHECK(threadpool_create(&p, 3, &err) == 0);
   CHECK(threadpool_size(p) == 3);
-  for (int trial = 0; trial < 200; trial++) {
-    int n = rand_int(0, 1000), minc = rand_int(1, 50);
+  for (int trial = 0; trial < 400; trial++) {
+    int n = rand_int(0, 3000), minc = rand_int(1, 70);
     int *hits = calloc((size_t)n + 1, sizeof(int));
     int by_thread[3] = {0, 0, 0};
-    cover_arg a = {hits, by_thread};
+    cover_arg a = {hits, by_thread, n, minc, 0, 0};
     threadpool_parallel_for(p, n, minc, cover, &a);
     int ok = 1;
     for (int i = 0; i < n; i++) ok &= hits[i] == 1;
     CHECK_MSG(ok, "n=%d min_chunk=%d not covered exactly once", n, minc);
-    /* Static chunks: as many threads as min_chunk allows, each with a near-equal share. */
-    int want_chunks = n / minc < 3 ? (n / minc < 1 ? 1 : n / minc) : 3, used = 0;
-    for (int t = 0; t < 3; t++) used += by_thread[t] > 0;
-    if (n > 0) CHECK_MSG(used == want_chunks, "n=%d min_chunk=%d ran on %d threads", n, minc, used);
+    CHECK_MSG(!a.bad_chunk && !a.bad_thread, "n=%d min_chunk=%d: bad chunk or thread index", n,
+              minc);
+    /* Fewer than two min_chunks of work never leaves the caller. */
+    if (n < 2 * minc) CHECK_MSG(by_thread[0] == n, "n=%d min_chunk=%d left the caller", n, minc);
     free(hits);
   }
+  /* Slow items: over many jobs the workers must take part (dynamic chunks, not caller-only). */
+  volatile double acc[3] = {0, 0, 0};
+  int by_thread[3] = {0, 0, 0};
+  /* Until the workers have run something (they may be descheduled on a loaded machine). */
+  for (int job = 0; job < 20 || (job < 5000 && by_thread[1] + by_thread[2] == 0); job++) {
+    int n = rand_int(48, 96);
+    int *hits = calloc((size_t)n, sizeof(int));
+    cover_arg a = {hits, by_thread, n, 1, 0, 0};
+    threadpool_parallel_for(p, n, 1, spin_items, (void *)acc);
+    threadpool_parallel_for(p, n, 1, cover, &a);
+    int ok = 1;
+    for (int i = 0; i < n; i++) ok &= hits[i] == 1;
+    CHECK(ok && !a.bad_chunk);
+    free(hits);
+  }
+  CHECK_MSG(by_thread[1] + by_thread[2] > 0, "the workers never ran a chunk");
   threadpool_free(p);
   CHECK(threadpool_create(&p, -1, &err) == TS_EINVAL);
   CHECK(threadpool_create(&p, 0, &err) == 0 && threadpool_size(p) >= 1);
+  threadpool_free(p);
+  /* A pool of one runs everything on the caller. */
+  CHECK(threadpool_create(&p, 1, &err) == 0);
+  int one[3] = {0, 0, 0}, *h1 = calloc(100, sizeof(int));
+  cover_arg a1 = {h1, one, 100, 1, 0, 0};
+  threadpool_parallel_for(p, 100, 1, cover, &a1);
+  CHECK(one[0] == 100 && h1[0] == 1 && h1[99] == 1);
+  free(h1);
   threadpool_free(p);
 }
 
