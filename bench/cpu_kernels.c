@@ -4,9 +4,12 @@
  * library (see the command below), so it also runs on machines without tessera's dependencies:
  *
  *   gcc -std=c11 -O2 -D_GNU_SOURCE -pthread -Isrc -o cpu_kernels bench/cpu_kernels.c \
- *     src/backend/cpu/*.c src/backend/backend.c src/backend/kv_cache.c src/util/log.c \
+ *     src/backend/cpu/[a-z]*.c src/backend/backend.c src/backend/kv_cache.c src/util/log.c \
  *     src/util/status.c src/util/tensor.c src/util/threadpool.c -lm
- *   ./cpu_kernels [THREADS] [LEVEL]
+ *   ./cpu_kernels [THREADS] [LEVEL] [BF16ACT] [FILTER]
+ *
+ * BF16ACT = 1 runs BF16 weights on activations rounded to BF16 (cpu_backend_set_bf16_act);
+ * FILTER keeps the shapes whose name contains it.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,6 +42,8 @@ int main(int argc, char **argv) {
     return 1;
   }
   level = cpu_backend_set_isa(be, level);
+  int bf16_act = argc > 3 && atoi(argv[3]) ? cpu_backend_set_bf16_act(be, 1) : 0;
+  const char *filter = argc > 4 ? argv[4] : "";
   const struct {
     const char *name;
     int m, k;
@@ -46,9 +51,11 @@ int main(int argc, char **argv) {
                 {"down 1024x3072", 1024, 3072}, {"lm_head 151936x1024", 151936, 1024}};
   const ts_dtype dts[] = {TS_BF16, TS_F16, TS_Q8_0, TS_Q4_0};
   const int ns[] = {1, 16, 512};
-  printf("level %d, %d threads\n", level, ((cpu_ctx *)be->ctx)->n_threads);
+  printf("level %d, %d threads, bf16 activations %s\n", level, ((cpu_ctx *)be->ctx)->n_threads,
+         bf16_act ? "on" : "off");
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
     for (size_t d = 0; d < sizeof dts / sizeof dts[0]; d++) {
+      if (!strstr(shapes[s].name, filter)) continue;
       int m = shapes[s].m, k = shapes[s].k;
       size_t wb = ts_dtype_bytes(dts[d], (int64_t)m * k);
       uint8_t *w = malloc(wb);

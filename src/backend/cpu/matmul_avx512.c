@@ -19,6 +19,7 @@
 #define INL static inline __attribute__((always_inline))
 #define TILE_R 4
 #define TILE_T 6
+#define PF_BYTES 512 /* software prefetch distance along a weight row */
 
 enum { W_F32, W_F16, W_BF16 };
 
@@ -45,7 +46,15 @@ TGT INL void tile(int wt, int T, const void *const *w, const float *x, int64_t l
 #pragma GCC unroll 4
     for (int r = 0; r < TILE_R; r++) acc[r][t] = _mm512_setzero_ps();
   int64_t i = 0;
+  /* Few tokens: the tile is bound by the weight stream, and four rows interleaved within one
+   * page defeat the hardware prefetcher near page ends; ask for each row PF_BYTES ahead. */
+  const int pf = T <= 2;
+  const int esz = wt == W_F32 ? 4 : 2;
   for (; i + 16 <= k; i += 16) {
+    if (pf)
+#pragma GCC unroll 4
+      for (int r = 0; r < TILE_R; r++)
+        _mm_prefetch((const char *)w[r] + i * esz + PF_BYTES, _MM_HINT_T0);
     __m512 w0 = load_w(wt, w[0], i), w1 = load_w(wt, w[1], i);
     __m512 w2 = load_w(wt, w[2], i), w3 = load_w(wt, w[3], i);
 #pragma GCC unroll 8
@@ -108,6 +117,12 @@ BF_TGT INL void tile_dp(int T, const void *const *w, const uint16_t *x, int64_t 
   const uint16_t *w0p = w[0], *w1p = w[1], *w2p = w[2], *w3p = w[3];
   int64_t i = 0;
   for (; i < k; i += 32) {
+    if (T <= 2) {
+      _mm_prefetch((const char *)(w0p + i) + PF_BYTES, _MM_HINT_T0);
+      _mm_prefetch((const char *)(w1p + i) + PF_BYTES, _MM_HINT_T0);
+      _mm_prefetch((const char *)(w2p + i) + PF_BYTES, _MM_HINT_T0);
+      _mm_prefetch((const char *)(w3p + i) + PF_BYTES, _MM_HINT_T0);
+    }
     __mmask32 m = k - i >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (k - i)) - 1);
     __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(m, w0p + i);
     __m512bh w1 = (__m512bh)_mm512_maskz_loadu_epi16(m, w1p + i);

@@ -141,6 +141,9 @@ dot_vnni(__m256i aw, __m256i sx) {
         xd[t] = _mm256_set1_ps(a->xd[t * nb + b]);                                              \
       }                                                                                         \
       _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++) {                                    \
+        if (T <= 2) /* weight-stream bound: fetch each row ahead */                            \
+          _mm_prefetch((const char *)a->w[r] + b * (a->dt == TS_Q8_0 ? 34 : 18) + 512,           \
+                       _MM_HINT_T0);                                                            \
         __m256i wv;                                                                             \
         float dw;                                                                               \
         LOAD_WBLOCK(a->dt, a->w[r], b, wv, dw);                                                 \
