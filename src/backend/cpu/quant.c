@@ -1,8 +1,9 @@
 /* Quantized matmul for GGUF Q8_0 and Q4_0 weights, read in place: the activations are quantized
  * on the fly to blocks of 32 int8 with one float scale (d = max|x| / 127, q = round-to-even of
  * x / d), and each block pair contributes d_w * d_x * sum(q_w * q_x) with an exact integer sum.
- * Kernels: portable C, AVX2 (maddubs on |w| and sign-transferred x), AVX-512 VNNI (the same
- * with vpdpbusd), NEON (widening multiplies). A register tile of 4 weight rows x up to 4 tokens
+ * Kernels: portable C, AVX2 (maddubs on |w| and sign-transferred x), AVX-512 VNNI (vpdpbusd on
+ * two blocks per 512-bit register, offsets folded into the dot product's start), NEON (widening
+ * multiplies). A register tile of 4 weight rows x up to 4 tokens
  * unpacks each weight block once for every token of the tile; every (row, token) sum runs over
  * the blocks in the same order whatever the tile, so a token's result does not depend on the
  * batch around it. */
@@ -122,11 +123,6 @@ __attribute__((target("avx2,fma"))) INL __m256i dot_avx2(__m256i aw, __m256i sx)
   return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
 }
 
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma"))) INL __m256i
-dot_vnni(__m256i aw, __m256i sx) {
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
-}
-
 #define TILE_BODY(DOT, T)                                                                       \
   do {                                                                                          \
     const int64_t nb = a->k / 32;                                                               \
@@ -168,11 +164,108 @@ __attribute__((target("avx2,fma,f16c"))) static void tile_avx2_2(const qtile *a,
   TILE_BODY(dot_avx2, 2);
 }
 
-#define VNNI_TGT __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma,f16c")))
-VNNI_TGT static void tile_vnni_1(const qtile *a, float out[QT][QR]) { TILE_BODY(dot_vnni, 1); }
-VNNI_TGT static void tile_vnni_2(const qtile *a, float out[QT][QR]) { TILE_BODY(dot_vnni, 2); }
-VNNI_TGT static void tile_vnni_3(const qtile *a, float out[QT][QR]) { TILE_BODY(dot_vnni, 3); }
-VNNI_TGT static void tile_vnni_4(const qtile *a, float out[QT][QR]) { TILE_BODY(dot_vnni, 4); }
+
+/* 512-bit VNNI: two blocks per register (lanes 0-7 block b, 8-15 block b+1), one vpdpbusd per
+ * (row, token, block pair) with no sign juggling. vpdpbusd wants one unsigned operand:
+ *   Q8_0: x + 128 (u8) against the signed weights; the 128 * sum(w) it adds is taken off by
+ *         starting the dot product from -128 * sum(w) (per row and pair, shared by the tokens).
+ *   Q4_0: the raw nibbles 0..15 (u8) against the signed x; the 8 * sum(x) it adds is taken off
+ *         by starting from -8 * sum(x) (per token and pair, shared by the rows).
+ * Per (row, token, pair): dot, convert, scale product, FMA. */
+#define V512_TGT                                                                                \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+/* Scales of blocks b and b+1 as lanes 0-7 / 8-15. */
+V512_TGT INL __m512 pair_scale(float d0, float d1) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1), 1);
+}
+
+/* Weights of blocks b, b+1 of a row as 64 bytes (Q8_0: signed; Q4_0: nibbles 0..15, in the
+ * element order of x within each block), and their scales. two = 0: block b only, upper half
+ * zero. */
+V512_TGT INL __m512i load_wpair(ts_dtype dt, const uint8_t *row, int64_t b, int two,
+                                __m512 *dv) {
+  if (dt == TS_Q8_0) {
+    const uint8_t *p = row + b * 34;
+    __m256i lo = _mm256_loadu_si256((const __m256i *)(p + 2));
+    float d0 = f16_x86(p), d1 = two ? f16_x86(p + 34) : d0;
+    *dv = pair_scale(d0, d1);
+    __m256i hi = two ? _mm256_loadu_si256((const __m256i *)(p + 36)) : _mm256_setzero_si256();
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+  const uint8_t *p = row + b * 18;
+  __m128i v0 = _mm_loadu_si128((const __m128i *)(p + 2));
+  __m128i v1 = two ? _mm_loadu_si128((const __m128i *)(p + 20)) : _mm_setzero_si128();
+  float d0 = f16_x86(p), d1 = two ? f16_x86(p + 18) : d0;
+  *dv = pair_scale(d0, d1);
+  __m256i v = _mm256_set_m128i(v1, v0); /* [b | b+1] packed nibbles */
+  __m256i m = _mm256_set1_epi8(15);
+  __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+  /* [b: elements 0-15, 16-31 | b+1: 0-15, 16-31] */
+  __m256i b0 = _mm256_permute2x128_si256(lo, hi, 0x20);
+  __m256i b1 = two ? _mm256_permute2x128_si256(lo, hi, 0x31) : _mm256_setzero_si256();
+  return _mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1);
+}
+
+#define TILE512_BODY(T, DT)                                                                     \
+  do {                                                                                          \
+    const int64_t nb = a->k / 32;                                                               \
+    const int q8 = (DT) == TS_Q8_0;                                                             \
+    const int bsz = q8 ? 34 : 18;                                                               \
+    __m512 acc[QR][T];                                                                          \
+    _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++)                                        \
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();    \
+    for (int64_t b = 0; b < nb; b += 2) {                                                       \
+      const int two = b + 1 < nb;                                                               \
+      __m512i wv[QR], wc[QR];                                                                   \
+      __m512 dw[QR];                                                                            \
+      _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++) {                                    \
+        if (T <= 2) /* weight-stream bound: fetch each row ahead */                            \
+          _mm_prefetch((const char *)a->w[r] + b * bsz + 512, _MM_HINT_T0);                     \
+        wv[r] = load_wpair(DT, a->w[r], b, two, &dw[r]);                                           \
+        /* Q8_0: -128 * sum(w) in each 4-byte lane group. */                                   \
+        wc[r] = q8 ? _mm512_sub_epi32(_mm512_setzero_si512(),                                   \
+                                      _mm512_dpbusd_epi32(_mm512_setzero_si512(),               \
+                                                          _mm512_set1_epi8((char)0x80), wv[r])) \
+                   : _mm512_setzero_si512();                                                    \
+      }                                                                                         \
+      _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {                                     \
+        const int8_t *xp = a->xq + t * a->k + b * 32;                                           \
+        __m512i xv = two ? _mm512_loadu_si512((const void *)xp)                                 \
+                         : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)xp));     \
+        const float *xdp = a->xd + t * nb + b;                                                  \
+        __m512 dx = pair_scale(xdp[0], two ? xdp[1] : xdp[0]);                                  \
+        __m512i start = _mm512_setzero_si512();                                                 \
+        if (q8)                                                                                 \
+          xv = _mm512_xor_si512(xv, _mm512_set1_epi8((char)0x80)); /* x + 128 as u8 */          \
+        else                                                                                    \
+          start = _mm512_sub_epi32(start, _mm512_dpbusd_epi32(_mm512_setzero_si512(),           \
+                                                              _mm512_set1_epi8(8), xv));        \
+        _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++) {                                  \
+          __m512i s = q8 ? _mm512_dpbusd_epi32(wc[r], xv, wv[r])                                \
+                         : _mm512_dpbusd_epi32(start, wv[r], xv);                               \
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[r], dx),          \
+                                      acc[r][t]);                                               \
+        }                                                                                       \
+      }                                                                                         \
+    }                                                                                           \
+    _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++)                                        \
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) out[t][r] =                         \
+            _mm512_reduce_add_ps(acc[r][t]);                                                    \
+  } while (0)
+
+/* One instantiation per (weight type, tile width), so the accumulators live in registers. */
+#define TILE512_FN(name, T, DT)                                                                 \
+  V512_TGT static void name(const qtile *a, float out[QT][QR]) { TILE512_BODY(T, DT); }
+TILE512_FN(tile_q8_1, 1, TS_Q8_0)
+TILE512_FN(tile_q8_2, 2, TS_Q8_0)
+TILE512_FN(tile_q8_3, 3, TS_Q8_0)
+TILE512_FN(tile_q8_4, 4, TS_Q8_0)
+TILE512_FN(tile_q4_1, 1, TS_Q4_0)
+TILE512_FN(tile_q4_2, 2, TS_Q4_0)
+TILE512_FN(tile_q4_3, 3, TS_Q4_0)
+TILE512_FN(tile_q4_4, 4, TS_Q4_0)
+
 #endif
 
 #if defined(__aarch64__)
@@ -237,11 +330,12 @@ static void quantize_rows(void *arg, int64_t t0, int64_t t1, int thread) {
 static void run_tile(const cpu_ctx *c, qtile *a, float out[QT][QR]) {
 #if Q_X86
   if (c->simd >= CPU_ISA_VNNI) {
+    int q8 = a->dt == TS_Q8_0;
     switch (a->T) {
-      case 1: tile_vnni_1(a, out); return;
-      case 2: tile_vnni_2(a, out); return;
-      case 3: tile_vnni_3(a, out); return;
-      default: tile_vnni_4(a, out); return;
+      case 1: (q8 ? tile_q8_1 : tile_q4_1)(a, out); return;
+      case 2: (q8 ? tile_q8_2 : tile_q4_2)(a, out); return;
+      case 3: (q8 ? tile_q8_3 : tile_q4_3)(a, out); return;
+      default: (q8 ? tile_q8_4 : tile_q4_4)(a, out); return;
     }
   }
   if (c->simd >= CPU_ISA_AVX2) {
