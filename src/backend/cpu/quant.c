@@ -166,84 +166,76 @@ __attribute__((target("avx2,fma,f16c"))) static void tile_avx2_2(const qtile *a,
 
 
 /* 512-bit VNNI: two blocks per register (lanes 0-7 block b, 8-15 block b+1), one vpdpbusd per
- * (row, token, block pair) with no sign juggling. vpdpbusd wants one unsigned operand:
- *   Q8_0: x + 128 (u8) against the signed weights; the 128 * sum(w) it adds is taken off by
- *         starting the dot product from -128 * sum(w) (per row and pair, shared by the tokens).
- *   Q4_0: the raw nibbles 0..15 (u8) against the signed x; the 8 * sum(x) it adds is taken off
- *         by starting from -8 * sum(x) (per token and pair, shared by the rows).
+ * (row, token, block pair) with no sign juggling. vpdpbusd wants an unsigned first operand, so
+ * the weights go in offset to u8: Q8_0 as w + 128, Q4_0 as its raw nibbles (w + 8). The offset
+ * adds off * sum(x) per block, which depends on the token only: each token's dot products start
+ * from -off * sum(x) (computed once per token and pair, shared by the rows of the tile).
  * Per (row, token, pair): dot, convert, scale product, FMA. */
 #define V512_TGT                                                                                \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")))
 
-/* Scales of blocks b and b+1 as lanes 0-7 / 8-15. */
-V512_TGT INL __m512 pair_scale(float d0, float d1) {
-  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1), 1);
+/* Lanes 0-7 take v[0], lanes 8-15 v[1]. */
+V512_TGT INL __m512 pair_spread(__m128 v) {
+  return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(v));
 }
 
-/* Weights of blocks b, b+1 of a row as 64 bytes (Q8_0: signed; Q4_0: nibbles 0..15, in the
- * element order of x within each block), and their scales. two = 0: block b only, upper half
- * zero. */
+/* Weights of blocks b, b+1 of a row as 64 unsigned bytes (w + 128 for Q8_0, the nibbles for
+ * Q4_0, in the element order of x within each block) and their scales as lanes 0-7 / 8-15.
+ * two = 0: block b only; the upper half then meets x = 0 and adds nothing. */
 V512_TGT INL __m512i load_wpair(ts_dtype dt, const uint8_t *row, int64_t b, int two,
                                 __m512 *dv) {
+  const int bsz = dt == TS_Q8_0 ? 34 : 18;
+  const uint8_t *p = row + b * bsz;
+  uint16_t h0, h1 = 0;
+  memcpy(&h0, p, 2);
+  if (two) memcpy(&h1, p + bsz, 2);
+  *dv = pair_spread(_mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)h0 | ((uint32_t)h1 << 16)))));
   if (dt == TS_Q8_0) {
-    const uint8_t *p = row + b * 34;
     __m256i lo = _mm256_loadu_si256((const __m256i *)(p + 2));
-    float d0 = f16_x86(p), d1 = two ? f16_x86(p + 34) : d0;
-    *dv = pair_scale(d0, d1);
     __m256i hi = two ? _mm256_loadu_si256((const __m256i *)(p + 36)) : _mm256_setzero_si256();
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
+                            _mm512_set1_epi8((char)0x80));
   }
-  const uint8_t *p = row + b * 18;
   __m128i v0 = _mm_loadu_si128((const __m128i *)(p + 2));
   __m128i v1 = two ? _mm_loadu_si128((const __m128i *)(p + 20)) : _mm_setzero_si128();
-  float d0 = f16_x86(p), d1 = two ? f16_x86(p + 18) : d0;
-  *dv = pair_scale(d0, d1);
   __m256i v = _mm256_set_m128i(v1, v0); /* [b | b+1] packed nibbles */
   __m256i m = _mm256_set1_epi8(15);
   __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
   /* [b: elements 0-15, 16-31 | b+1: 0-15, 16-31] */
   __m256i b0 = _mm256_permute2x128_si256(lo, hi, 0x20);
-  __m256i b1 = two ? _mm256_permute2x128_si256(lo, hi, 0x31) : _mm256_setzero_si256();
+  __m256i b1 = _mm256_permute2x128_si256(lo, hi, 0x31);
   return _mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1);
 }
 
 #define TILE512_BODY(T, DT)                                                                     \
   do {                                                                                          \
     const int64_t nb = a->k / 32;                                                               \
-    const int q8 = (DT) == TS_Q8_0;                                                             \
-    const int bsz = q8 ? 34 : 18;                                                               \
+    const int bsz = (DT) == TS_Q8_0 ? 34 : 18;                                                  \
+    const __m512i off = _mm512_set1_epi8((DT) == TS_Q8_0 ? (char)0x80 : 8);                     \
     __m512 acc[QR][T];                                                                          \
     _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++)                                        \
         _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();    \
     for (int64_t b = 0; b < nb; b += 2) {                                                       \
       const int two = b + 1 < nb;                                                               \
-      __m512i wv[QR], wc[QR];                                                                   \
+      __m512i wv[QR];                                                                           \
       __m512 dw[QR];                                                                            \
       _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++) {                                    \
         if (T <= 2) /* weight-stream bound: fetch each row ahead */                            \
           _mm_prefetch((const char *)a->w[r] + b * bsz + 512, _MM_HINT_T0);                     \
-        wv[r] = load_wpair(DT, a->w[r], b, two, &dw[r]);                                           \
-        /* Q8_0: -128 * sum(w) in each 4-byte lane group. */                                   \
-        wc[r] = q8 ? _mm512_sub_epi32(_mm512_setzero_si512(),                                   \
-                                      _mm512_dpbusd_epi32(_mm512_setzero_si512(),               \
-                                                          _mm512_set1_epi8((char)0x80), wv[r])) \
-                   : _mm512_setzero_si512();                                                    \
+        wv[r] = load_wpair(DT, a->w[r], b, two, &dw[r]);                                        \
       }                                                                                         \
       _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {                                     \
         const int8_t *xp = a->xq + t * a->k + b * 32;                                           \
         __m512i xv = two ? _mm512_loadu_si512((const void *)xp)                                 \
                          : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)xp));     \
         const float *xdp = a->xd + t * nb + b;                                                  \
-        __m512 dx = pair_scale(xdp[0], two ? xdp[1] : xdp[0]);                                  \
-        __m512i start = _mm512_setzero_si512();                                                 \
-        if (q8)                                                                                 \
-          xv = _mm512_xor_si512(xv, _mm512_set1_epi8((char)0x80)); /* x + 128 as u8 */          \
-        else                                                                                    \
-          start = _mm512_sub_epi32(start, _mm512_dpbusd_epi32(_mm512_setzero_si512(),           \
-                                                              _mm512_set1_epi8(8), xv));        \
+        __m512 dx = pair_spread(two ? _mm_castpd_ps(_mm_load_sd((const double *)xdp))          \
+                                    : _mm_set1_ps(xdp[0]));                                     \
+        __m512i start = _mm512_sub_epi32(                                                       \
+            _mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, xv));      \
         _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++) {                                  \
-          __m512i s = q8 ? _mm512_dpbusd_epi32(wc[r], xv, wv[r])                                \
-                         : _mm512_dpbusd_epi32(start, wv[r], xv);                               \
+          __m512i s = _mm512_dpbusd_epi32(start, wv[r], xv);                                    \
           acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[r], dx),          \
                                       acc[r][t]);                                               \
         }                                                                                       \
@@ -319,12 +311,41 @@ typedef struct {
   float *y; /* [n][m] */
 } qmm_job;
 
+#if Q_X86
+/* cpu_quantize_act with AVX-512, bit for bit: the same float scale and reciprocal, and
+ * vcvtps2dq rounds to nearest even as nearbyintf does in the default rounding mode. */
+V512_TGT static void quantize_act_avx512(const float *x, int64_t k, int8_t *q, float *d) {
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t b = 0; b < k / 32; b++) {
+    __m512 x0 = _mm512_loadu_ps(x + b * 32), x1 = _mm512_loadu_ps(x + b * 32 + 16);
+    float amax = _mm512_reduce_max_ps(
+        _mm512_max_ps(_mm512_and_ps(x0, sign), _mm512_and_ps(x1, sign)));
+    float db = amax / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
+    d[b] = db;
+    __m512 iv = _mm512_set1_ps(id);
+    __m128i q0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x0, iv)));
+    __m128i q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x1, iv)));
+    _mm_storeu_si128((__m128i *)(q + b * 32), q0);
+    _mm_storeu_si128((__m128i *)(q + b * 32 + 16), q1);
+  }
+}
+#endif
+
 static void quantize_rows(void *arg, int64_t t0, int64_t t1, int thread) {
   (void)thread;
   qmm_job *j = arg;
-  for (int64_t t = t0; t < t1; t++)
-    cpu_quantize_act(j->x + t * j->k, j->k, (int8_t *)j->xq + t * j->k,
-                     (float *)j->xd + t * (j->k / 32));
+  for (int64_t t = t0; t < t1; t++) {
+    const float *x = j->x + t * j->k;
+    int8_t *q = (int8_t *)j->xq + t * j->k;
+    float *d = (float *)j->xd + t * (j->k / 32);
+#if Q_X86
+    if (j->c->simd >= CPU_ISA_AVX512) {
+      quantize_act_avx512(x, j->k, q, d);
+      continue;
+    }
+#endif
+    cpu_quantize_act(x, j->k, q, d);
+  }
 }
 
 static void run_tile(const cpu_ctx *c, qtile *a, float out[QT][QR]) {
