@@ -8,16 +8,19 @@
 #      REFERENCE.md's text; compute-sanitizer memcheck of a short run;
 #   3. the random Qwen3-0.6B / Llama-3.2-1B-shaped bf16 checkpoints against transformers
 #      (tools/cuda_e2e.py);
-#   4. tessera bench on the Qwen3-0.6B shape: batch 1 and total decode at 8..256 sequences.
+#   4. tessera serve on stories260K (device sampling in the engine) against generate
+#      (tools/cuda_serve_check.py);
+#   5. tessera bench on the Qwen3-0.6B shape: batch 1 and total decode at 8..256 sequences, with
+#      device sampling (the default) and with every step's logits returned (--host-logits).
 # Usage (on the GPU machine, from the checkout): bash tools/cuda_gpu.sh [steps...]
-# where steps are any of: ops stories e2e bench (default: all).
+# where steps are any of: ops stories serve e2e bench (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${OUT:-/tmp/cuda_gpu_out}
 mkdir -p "$LOG"
 G=.gpu
 R=/tmp/tessera_gpu
-STEPS=${*:-ops stories e2e bench}
+STEPS=${*:-ops stories serve bench e2e}
 status=0
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
@@ -28,8 +31,10 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
   $(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)/nvidia/cu13/lib; do
   [ -e "$d/libcublas.so.13" ] && CUBLAS_DIR=${CUBLAS_DIR:-$d}
 done
+# A build with NCCL loads the machine's own libnccl (tools/cuda_pack.sh leaves it out).
+NCCL_DIR=$(find /usr/local /usr/lib /opt -name libnccl.so.2 2>/dev/null | head -1 | xargs -r dirname)
 # Only the binaries see the carried libraries (python's own must not be replaced).
-LIBS=$R/lib:${CUBLAS_DIR:-/usr/local/cuda/lib64}
+LIBS=$R/lib:${CUBLAS_DIR:-/usr/local/cuda/lib64}${NCCL_DIR:+:$NCCL_DIR}
 for b in tessera test_cuda_ops; do
   mv "$R/$b" "$R/$b.bin"
   printf '#!/bin/sh\nLD_LIBRARY_PATH=%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} exec %s "$@"\n' \
@@ -69,6 +74,13 @@ if want stories; then
   fi
 fi
 
+if want serve; then
+  echo "== serve (engine, device sampling) =="
+  timeout 150 python3 tools/cuda_serve_check.py --tessera "$T" \
+    --model "$R/shared/models/stories260K-hf" 2>&1 | tee "$LOG/serve.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
 W=/tmp/tessera_ck
 if want e2e || want bench; then
   echo "== checkpoints =="
@@ -82,10 +94,21 @@ if want bench; then
     TESSERA_CUDA_GRAPHS=$g "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 128 \
       --batch 1 --json 2>&1 | sed "s/^/graphs=$g /" | tee -a "$LOG/bench.txt"
   done
+  "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 128 --batch 1 --json \
+    --host-logits 2>&1 | sed "s/^/graphs=1 /" | tee -a "$LOG/bench.txt"
+  TESSERA_KV_DTYPE=f32 "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 128 \
+    --batch 1 --json 2>&1 | sed "s/^/graphs=1 kv=f32 /" | tee -a "$LOG/bench.txt"
   for b in 8 32 64 128 256; do
     "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 32 --batch $b --json 2>&1 \
       | sed "s/^/graphs=1 /" | tee -a "$LOG/bench.txt"
   done
+  "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 32 --batch 256 --json \
+    --host-logits 2>&1 | sed "s/^/graphs=1 /" | tee -a "$LOG/bench.txt"
+  "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 32 --batch 256 --json \
+    --temperature 0.8 --top-p 0.9 --top-k 40 2>&1 | sed "s/^/graphs=1 T=0.8 p=0.9 k=40 /" \
+    | tee -a "$LOG/bench.txt"
+  TESSERA_CUDA_STATS=1 "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 32 \
+    --batch 256 2>&1 | grep -E "cuda stats|decode_tok_s" | sed "s/^/b=256 /" | tee -a "$LOG/bench.txt"
   for st in 1 2; do # where a decode step's time goes: graph use, then per-op (eager) timings
     TESSERA_CUDA_STATS=$st "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 64 \
       --batch 1 2>&1 | grep -E "cuda (stats|prof)|decode_tok_s" | tee -a "$LOG/bench.txt"

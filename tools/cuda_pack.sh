@@ -14,7 +14,7 @@ cp "$B/tessera" "$B/src/backend/cuda/test_cuda_ops" "$P/"
 ldd "$B/tessera" | awk '/=> \//{print $3}' | while read -r lib; do
   case $(basename "$lib") in
     libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|libresolv.so*|ld-linux*|libstdc++*|libgcc_s*) ;;
-    libcublas*|libcudart*|libcuda.so*) ;;
+    libcublas*|libcudart*|libcuda.so*|libnccl*) ;; # the GPU machine has its own
     *) cp -L "$lib" "$P/lib/" ;;
   esac
 done

@@ -21,7 +21,7 @@ build() {
       -Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror -c "$f" -o "$o" || return 1
     objs+=("$o")
   done
-  for f in src/util/status.c src/util/tensor.c tests/unit/cuda/test_cuda_ops.c; do
+  for f in src/util/status.c src/util/tensor.c src/engine/sampling.c tests/unit/cuda/test_cuda_ops.c; do
     o=$B/$(basename "$f").o
     gcc -O2 -g -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -Isrc -I"$CUDA_HOME/include" \
       -DTESSERA_SHARED_DEFAULT='"../shared"' -c "$f" -o "$o" || return 1

@@ -14,7 +14,8 @@
 #include "util/tensor.h"
 
 /* Paged KV cache of one rank: for each local layer, K and V of
- * [n_blocks][block_size][n_kv_l][head_dim] in dtype (F32 on the CPU backend). */
+ * [n_blocks][block_size][n_kv_l][head_dim] in dtype (kv_cache_dtype: F32 on the CPU backend,
+ * BF16 on CUDA for a 16-bit model). */
 typedef struct {
   int n_layers;
   int n_blocks;
@@ -75,6 +76,12 @@ typedef struct backend_ops {
   void (*gather_rows)(void *ctx, const float *x, const int32_t *rows, int n, int d, float *out);
   /* Optional: wait for queued device work (CUDA); NULL when every op is synchronous. */
   int (*sync)(void *ctx, ts_err *err);
+  /* Optional: draws one token per row on the device, so only ids come back. logits
+   * [n][vocab] device (modified: penalties, temperature); rows [n]; ids [n] host. Synchronous. */
+  int (*sample)(void *ctx, float *logits, int n, int vocab, const ts_sample_row *rows,
+                int32_t *ids, ts_err *err);
+  /* Optional (NULL: F32): the KV cache dtype for the weights prepared so far. */
+  ts_dtype (*kv_dtype)(void *ctx);
 } backend_ops;
 
 typedef struct backend {
@@ -87,6 +94,9 @@ typedef struct backend {
 int backend_create(backend **out, const char *device, int threads, ts_err *err);
 void backend_destroy(backend *b);
 
+/* The KV cache dtype of a backend once the model is loaded: BF16 on CUDA for 16-bit weights
+ * (TESSERA_KV_DTYPE=f32 keeps float32), else F32. */
+ts_dtype kv_cache_dtype(const backend *be);
 int kv_cache_create(kv_cache *kv, backend *be, int n_layers, int n_blocks, int block_size,
                     int n_kv_l, int head_dim, ts_err *err);
 void kv_cache_free(kv_cache *kv, backend *be);

@@ -25,7 +25,9 @@
 typedef struct {
   const char *model, *device;
   long prompt, gen, batch, threads, warmup;
-  int json, membw, bf16_act;
+  int json, membw, bf16_act, host_logits;
+  double temperature, top_p;
+  long top_k;
 } bench_args;
 
 static void usage(FILE *f) {
@@ -44,6 +46,10 @@ static void usage(FILE *f) {
           "  --json              print one JSON object instead of text\n"
           "  --bf16-act          cpu: BF16 weights multiply activations rounded to BF16\n"
           "                      (AVX512-BF16 dot products, as llama.cpp computes)\n"
+          "  --host-logits       return every step's logits to the host even where the\n"
+          "                      backend samples on the device (cuda)\n"
+          "  --temperature T, --top-p P, --top-k K\n"
+          "                      device sampling of each step's tokens (default greedy)\n"
           "\n"
           "tessera bench --membw [--threads N] [--json] measures the memory read bandwidth\n"
           "instead (the decode roofline is weight bytes per token / this).\n");
@@ -62,6 +68,7 @@ static int parse_args(int argc, char **argv, bench_args *a) {
   a->gen = 128;
   a->batch = 1;
   a->warmup = 8;
+  a->top_p = 1.0;
   for (int i = 1; i < argc; i++) {
     const char *f = argv[i];
     if (!strcmp(f, "--help") || !strcmp(f, "-h")) {
@@ -74,6 +81,25 @@ static int parse_args(int argc, char **argv, bench_args *a) {
     }
     if (!strcmp(f, "--bf16-act")) {
       a->bf16_act = 1;
+      continue;
+    }
+    if (!strcmp(f, "--host-logits")) {
+      a->host_logits = 1;
+      continue;
+    }
+    if (!strcmp(f, "--temperature") || !strcmp(f, "--top-p")) {
+      if (i + 1 >= argc) {
+        fprintf(stderr, "tessera bench: %s needs a value (see --help)\n", f);
+        return -1;
+      }
+      char *end;
+      double x = strtod(argv[++i], &end);
+      int is_t = !strcmp(f, "--temperature");
+      if (*end || end == argv[i] || !(is_t ? x >= 0 && x <= 100 : x > 0 && x <= 1)) {
+        fprintf(stderr, "tessera bench: bad %s '%s'\n", f, argv[i]);
+        return -1;
+      }
+      *(is_t ? &a->temperature : &a->top_p) = x;
       continue;
     }
     if (!strcmp(f, "--membw")) {
@@ -103,6 +129,7 @@ static int parse_args(int argc, char **argv, bench_args *a) {
     else if (!strcmp(f, "--batch")) dst = &a->batch, lo = 1;
     else if (!strcmp(f, "--threads")) dst = &a->threads;
     else if (!strcmp(f, "--warmup")) dst = &a->warmup;
+    else if (!strcmp(f, "--top-k")) dst = &a->top_k;
     if (!dst) {
       fprintf(stderr, "tessera bench: unknown option '%s' (see --help)\n", f);
       return -1;
@@ -129,7 +156,8 @@ typedef struct {
   model *m;
   kv_cache kv;
   int have_kv;
-  int32_t *tokens, *pos, *seq_start, *ctx_len, *table, *rows;
+  int32_t *tokens, *pos, *seq_start, *ctx_len, *table, *rows, *ids;
+  ts_sample_row *srows;
   float *logits;
 } bench_state;
 
@@ -143,6 +171,8 @@ static void bench_free(bench_state *s) {
   free(s->ctx_len);
   free(s->table);
   free(s->rows);
+  free(s->ids);
+  free(s->srows);
   free(s->logits);
 }
 
@@ -190,12 +220,24 @@ static int run(const bench_args *a, ts_err *err) {
   s.table = malloc((size_t)B * bps * sizeof(int32_t));
   s.rows = malloc((size_t)B * sizeof(int32_t));
   s.logits = malloc((size_t)B * c->vocab_size * sizeof(float));
-  if (!s.tokens || !s.pos || !s.seq_start || !s.ctx_len || !s.table || !s.rows || !s.logits) {
+  s.ids = malloc((size_t)B * sizeof(int32_t));
+  s.srows = calloc((size_t)B, sizeof *s.srows);
+  if (!s.tokens || !s.pos || !s.seq_start || !s.ctx_len || !s.table || !s.rows || !s.logits ||
+      !s.ids || !s.srows) {
     rc = ts_errorf(err, TS_ENOMEM, "out of memory");
     goto done;
   }
   for (int i = 0; i < B * bps; i++) s.table[i] = i;
   uint64_t seed = 12345;
+  /* Decode steps draw their tokens on the device when the backend can: only ids come back. */
+  const int dev = s.be->ops->sample && !a->host_logits;
+  for (int q = 0; q < B; q++) {
+    s.srows[q].temperature = (float)a->temperature;
+    s.srows[q].top_p = (float)a->top_p;
+    s.srows[q].top_k = (int)a->top_k;
+    s.srows[q].repetition_penalty = 1.0f;
+    s.srows[q].seed = (uint64_t)q;
+  }
 
   /* Prefill: one step per sequence. */
   double t0 = now_s();
@@ -227,7 +269,10 @@ static int run(const bench_args *a, ts_err *err) {
     ts_batch b = {.n_tokens = B, .tokens = s.tokens, .pos = s.pos, .n_seqs = B,
                   .seq_start = s.seq_start, .ctx_len = s.ctx_len, .max_blocks = bps,
                   .block_table = s.table, .n_logits = B, .logits_rows = s.rows};
-    if ((rc = model_forward(s.m, &s.kv, &b, NULL, NULL, s.logits, err)) < 0) goto done;
+    for (int q = 0; q < B; q++) s.srows[q].counter = (uint64_t)st;
+    rc = dev ? model_forward_sample(s.m, &s.kv, &b, s.srows, s.ids, err)
+             : model_forward(s.m, &s.kv, &b, NULL, NULL, s.logits, err);
+    if (rc < 0) goto done;
   }
   double t3 = now_s();
   if (G == 0) t2 = t3;
@@ -236,13 +281,14 @@ static int run(const bench_args *a, ts_err *err) {
   if (a->json)
     printf("{\"model\":\"%s\",\"device\":\"%s\",\"batch\":%d,\"prompt_tokens\":%d,"
            "\"gen_tokens\":%d,\"prefill_s\":%.6f,\"decode_s\":%.6f,\"prefill_tok_s\":%.1f,"
-           "\"decode_tok_s\":%.1f,\"decode_step_ms\":%.4f}\n",
+           "\"decode_tok_s\":%.1f,\"decode_step_ms\":%.4f,\"sampling\":\"%s\"}\n",
            c->arch_name, a->device, B, P, G, t1 - t0, t3 - t2, pre, dec,
-           G ? (t3 - t2) * 1e3 / G : 0.0);
+           G ? (t3 - t2) * 1e3 / G : 0.0, dev ? "device" : "host logits");
   else
     printf("%s on %s: batch %d, prompt %d, gen %d\n  prefill_tok_s %.1f (%.3f s)\n"
-           "  decode_tok_s %.1f (%.4f ms per step)\n",
-           c->arch_name, a->device, B, P, G, pre, t1 - t0, dec, G ? (t3 - t2) * 1e3 / G : 0.0);
+           "  decode_tok_s %.1f (%.4f ms per step, %s)\n",
+           c->arch_name, a->device, B, P, G, pre, t1 - t0, dec, G ? (t3 - t2) * 1e3 / G : 0.0,
+           dev ? "device sampling" : "host logits");
   rc = 0;
 done:
   bench_free(&s);

@@ -173,6 +173,8 @@ typedef struct {
   int32_t *pos;        /* [GEN_PREFILL] */
   int32_t *table;      /* [n_blocks] identity block table */
   float *logits;       /* [vocab] */
+  int device_sample;   /* the backend draws the token: only its id comes back */
+  int32_t next;        /* that id, after a step with logits */
   FILE *dump;          /* --dump-logits: int32 n_prompt, int32 vocab, prompt ids, then one
                         * float32 [vocab] row per step */
 } gen_state;
@@ -205,6 +207,9 @@ static int step(gen_state *g, int start, int n, int want_logits, ts_err *err) {
                 .block_table = g->table,
                 .n_logits = want_logits ? 1 : 0,
                 .logits_rows = &last};
+  ts_sample_row row;
+  if (want_logits && g->device_sample && sampler_device_row(g->smp, &row))
+    return model_forward_sample(g->m, &g->kv, &b, &row, &g->next, err);
   return model_forward(g->m, &g->kv, &b, NULL, NULL, g->logits, err);
 }
 
@@ -282,6 +287,8 @@ static int run(const gen_args *a, ts_err *err) {
   uint64_t clock_seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
   if ((rc = sampler_create(&g.smp, &sp, c->vocab_size, clock_seed, err)) < 0) goto done;
   sampler_observe_prompt(g.smp, g.ids, n_prompt);
+  /* --dump-logits needs the logits themselves. */
+  g.device_sample = g.be->ops->sample && !a->dump_logits;
   if ((rc = tok_stream_create(&g.stream, g.tok, 1)) < 0) {
     rc = ts_errorf(err, rc, "cannot create the detokenizer stream");
     goto done;
@@ -324,7 +331,10 @@ static int run(const gen_args *a, ts_err *err) {
       goto done;
     }
     sample_result r;
-    sampler_sample(g.smp, g.logits, &r);
+    if (g.device_sample)
+      r.token = g.next;
+    else
+      sampler_sample(g.smp, g.logits, &r);
     int stop = 0;
     for (int i = 0; i < n_eos; i++) stop |= r.token == eos[i];
     for (int i = 0; i < c->n_eos && !a->ignore_eos; i++) stop |= r.token == c->eos_ids[i];

@@ -42,6 +42,11 @@ typedef struct executor_ops {
    * ordering checks). Writes logits [b->n_logits][vocab_size] into logits (host memory). */
   int (*execute_step)(executor *ex, uint64_t step_id, const ts_batch *b, float *logits,
                       ts_err *err);
+  /* Optional (NULL: the engine samples the logits on the host): runs the step like execute_step
+   * but samples each logits row on the device with rows [b->n_logits] and writes only token ids
+   * [b->n_logits] (engine/batch.h's ts_sample_row says what a row can express). */
+  int (*execute_step_sample)(executor *ex, uint64_t step_id, const ts_batch *b,
+                             const ts_sample_row *rows, int32_t *ids, ts_err *err);
   /* 0 when every worker answers; an error naming the dead or stalled worker otherwise. */
   int (*health)(executor *ex, ts_err *err);
   /* Stops the workers and frees the executor (not the model it was given). */

@@ -12,11 +12,11 @@ typedef struct {
   int kv_ready;
 } uni_impl;
 
-/* Bytes of one KV block over every local layer, K and V. The CPU backend stores F32; a backend
- * with a narrower cache simply gets more blocks than this estimate would give it. */
+/* Bytes of one KV block over every local layer, K and V, in the backend's cache dtype. */
 static int64_t uni_block_bytes(const model *m, int block_size) {
   int n_kv_l = m->cfg.n_kv_head / (m->shard.tp_size > 0 ? m->shard.tp_size : 1);
-  return 2 * (int64_t)m->w.n_layers * block_size * n_kv_l * m->cfg.head_dim * (int64_t)sizeof(float);
+  return 2 * (int64_t)ts_dtype_bytes(kv_cache_dtype(m->be),
+                                     (int64_t)m->w.n_layers * block_size * n_kv_l * m->cfg.head_dim);
 }
 
 static int uni_init_kv(executor *ex, int block_size, int64_t kv_cache_bytes, int n_blocks,
@@ -53,6 +53,14 @@ static int uni_execute_step(executor *ex, uint64_t step_id, const ts_batch *b, f
   return model_forward(u->m, &u->kv, b, NULL, NULL, logits, err);
 }
 
+static int uni_execute_step_sample(executor *ex, uint64_t step_id, const ts_batch *b,
+                                   const ts_sample_row *rows, int32_t *ids, ts_err *err) {
+  (void)step_id;
+  uni_impl *u = ex->impl;
+  if (!u->kv_ready) return ts_errorf(err, TS_EINVAL, "executor: step before the KV cache exists");
+  return model_forward_sample(u->m, &u->kv, b, rows, ids, err);
+}
+
 static int uni_health(executor *ex, ts_err *err) {
   (void)ex;
   (void)err;
@@ -74,6 +82,16 @@ static const executor_ops uni_ops = {
     .shutdown = uni_shutdown,
 };
 
+/* The same over a backend that samples on the device. */
+static const executor_ops uni_ops_sample = {
+    .name = "uni",
+    .init_kv = uni_init_kv,
+    .execute_step = uni_execute_step,
+    .execute_step_sample = uni_execute_step_sample,
+    .health = uni_health,
+    .shutdown = uni_shutdown,
+};
+
 int executor_uni_create(executor **out, model *m, ts_err *err) {
   *out = NULL;
   if (!m) return ts_errorf(err, TS_EINVAL, "executor: no model");
@@ -87,7 +105,7 @@ int executor_uni_create(executor **out, model *m, ts_err *err) {
     return ts_errorf(err, TS_ENOMEM, "executor: out of memory");
   }
   u->m = m;
-  ex->ops = &uni_ops;
+  ex->ops = m->be->ops->sample ? &uni_ops_sample : &uni_ops;
   ex->impl = u;
   ex->info.vocab_size = m->cfg.vocab_size;
   ex->info.max_pos = m->cfg.max_pos;

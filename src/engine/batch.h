@@ -19,4 +19,21 @@ typedef struct {
   const int32_t *logits_rows; /* [n_logits] token indices (into [0, n_tokens)) */
 } ts_batch;
 
+/* How one logits row is sampled by a device sampler (backend op `sample`): the sampler's
+ * parameters (engine/sampling.h has their meaning and order) and what the penalties need. Draws
+ * depend only on (seed, counter, token id), so a sequence's output does not depend on what else
+ * is in the batch. Logit bias, logprobs and masks are not expressed here: those rows use the host
+ * sampler. */
+typedef struct {
+  float temperature;          /* < 1e-5: greedy (argmax, lowest id on ties) */
+  float top_p, min_p;
+  int top_k;                  /* 0 or -1: off */
+  float presence_penalty, frequency_penalty, repetition_penalty;
+  uint64_t seed;              /* the sequence's stream */
+  uint64_t counter;           /* the draw's index in that stream (tokens generated so far) */
+  int n_penalty;              /* distinct ids seen in the prompt or the output */
+  const int32_t *penalty_ids;    /* [n_penalty] */
+  const int32_t *penalty_counts; /* [n_penalty] times generated (0: prompt only) */
+} ts_sample_row;
+
 #endif

@@ -47,6 +47,8 @@ struct engine {
   int32_t *b_block_table; /* [max_num_seqs][max_blocks_per_seq] */
   int32_t *b_logits_rows; /* [max_num_seqs] */
   float *logits;          /* [max_num_seqs][vocab] */
+  ts_sample_row *s_rows;  /* [max_num_seqs] device sampling rows, by logits row */
+  int32_t *s_ids;         /* [max_num_seqs] their sampled ids */
   engine_seq **done;      /* [max_num_seqs] copy of the step's sequences */
   int32_t *mb_starts;     /* [max_num_seqs + ENGINE_MAX_MICRO] micro-batch seq_start arrays */
   int32_t *mb_rows;       /* [max_num_seqs] micro-batch logits rows */
@@ -228,6 +230,8 @@ static void build_batch(engine *e, ts_batch *b) {
   b->logits_rows = e->b_logits_rows;
 }
 
+static void seq_accept(engine *e, engine_seq *s);
+
 /* Samples the next token of s from its logits row and applies the stop rules; queues its event. */
 static void seq_advance(engine *e, engine_seq *s, float *logits) {
   engine_req *r = s->req;
@@ -239,6 +243,28 @@ static void seq_advance(engine *e, engine_seq *s, float *logits) {
   }
   sample_result *res = &s->last_sample;
   if (sampler_sample(s->smp, logits, res) < 0 || res->token < 0 || res->token >= e->vocab) {
+    req_fail(e, r, ENGINE_FINISH_ERROR, "sampling failed");
+    return;
+  }
+  seq_accept(e, s);
+}
+
+/* Whether s's next token may be drawn on the device: nothing the device sampler cannot express
+ * (logit_bias, logprobs: sampler_device_row; masks while min_tokens holds). */
+static int seq_device_row(engine *e, engine_seq *s, ts_sample_row *row) {
+  const engine_request_params *p = &s->req->p;
+  if (s->completion_tokens < p->min_tokens &&
+      ((!p->ignore_eos && e->n_eos > 0) || p->n_stop_token_ids > 0))
+    return 0;
+  return sampler_device_row(s->smp, row);
+}
+
+/* Appends s->last_sample's token and applies the stop rules; queues its event. */
+static void seq_accept(engine *e, engine_seq *s) {
+  engine_req *r = s->req;
+  const engine_request_params *p = &r->p;
+  sample_result *res = &s->last_sample;
+  if (res->token < 0 || res->token >= e->vocab) {
     req_fail(e, r, ENGINE_FINISH_ERROR, "sampling failed");
     return;
   }
@@ -381,7 +407,15 @@ static void engine_step(engine *e) {
   build_batch(e, &b);
   ts_err err;
   ts_err_clear(&err);
-  int rc = run_step(e, &b, &err);
+  /* Device sampling when the executor offers it and every row can use it: only ids come back. */
+  int device = e->ex->ops->execute_step_sample && !(e->ex->pipe && e->ex->info.max_inflight > 1);
+  for (int j = 0; j < sc->n_sched && device; j++) {
+    engine_seq *q = sc->sched[j];
+    if (q->logits_row >= 0) device = seq_device_row(e, q, &e->s_rows[q->logits_row]);
+  }
+  int rc = device ? e->ex->ops->execute_step_sample(e->ex, e->step_id++, &b, e->s_rows, e->s_ids,
+                                                    &err)
+                  : run_step(e, &b, &err);
   if (rc < 0) {
     LOG_E("engine: step failed: %s", err.msg);
     /* Every request in the failed step ends with the error; the cache contents of its blocks are
@@ -399,7 +433,13 @@ static void engine_step(engine *e) {
   for (int j = 0; j < n; j++) {
     engine_seq *s = e->done[j];
     if (s->logits_row < 0 || s->state != SEQ_RUNNING) continue;
-    seq_advance(e, s, e->logits + (size_t)s->logits_row * e->vocab);
+    if (device) {
+      memset(&s->last_sample, 0, sizeof s->last_sample);
+      s->last_sample.token = e->s_ids[s->logits_row];
+      seq_accept(e, s);
+    } else {
+      seq_advance(e, s, e->logits + (size_t)s->logits_row * e->vocab);
+    }
   }
 }
 
@@ -569,6 +609,8 @@ int engine_create_with_executor(engine **out, executor *ex, const tokenizer *tok
   e->b_block_table = malloc(ns * (size_t)per_seq * sizeof *e->b_block_table);
   e->b_logits_rows = malloc(ns * sizeof *e->b_logits_rows);
   e->logits = malloc(ns * (size_t)e->vocab * sizeof *e->logits);
+  e->s_rows = malloc(ns * sizeof *e->s_rows);
+  e->s_ids = malloc(ns * sizeof *e->s_ids);
   e->done = malloc(ns * sizeof *e->done);
   e->mb_starts = malloc((ns + ENGINE_MAX_MICRO) * sizeof *e->mb_starts);
   e->mb_rows = malloc((ns + 1) * sizeof *e->mb_rows);
@@ -578,7 +620,7 @@ int engine_create_with_executor(engine **out, executor *ex, const tokenizer *tok
     rc = scheduler_init(&e->sched, &sc, e->bm, err);
   }
   if (rc == 0 && (!e->b_tokens || !e->b_pos || !e->b_seq_start || !e->b_ctx_len ||
-                  !e->b_block_table || !e->b_logits_rows || !e->logits || !e->done || !e->mb_starts ||
+                  !e->b_block_table || !e->b_logits_rows || !e->logits || !e->s_rows || !e->s_ids || !e->done || !e->mb_starts ||
                   !e->mb_rows))
     rc = ts_errorf(err, TS_ENOMEM, "engine: out of memory for step buffers");
   if (rc == 0) {
@@ -637,6 +679,8 @@ void engine_destroy(engine *e) {
   free(e->b_block_table);
   free(e->b_logits_rows);
   free(e->logits);
+  free(e->s_rows);
+  free(e->s_ids);
   free(e->done);
   free(e->mb_starts);
   free(e->mb_rows);

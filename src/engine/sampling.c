@@ -22,6 +22,8 @@ struct sampler {
   float *bias;
   int vocab;
   uint64_t rng[4];
+  uint64_t seed;     /* what rng was seeded from: the device sampler's stream */
+  uint64_t n_gen;    /* generated tokens observed: the device stream's counter */
   int32_t *count;    /* [vocab] generated-token counts */
   uint8_t *seen;     /* [vocab] bit 0: in the prompt, bit 1: generated */
   int32_t *seen_ids; /* [vocab] distinct ids with seen != 0, in first-seen order */
@@ -118,6 +120,7 @@ int sampler_create(sampler **out, const sampling_params *p, int vocab_size, uint
   s->p.logit_bias_ids = s->bias_ids;
   s->p.logit_bias = s->bias;
   uint64_t x = p->has_seed ? p->seed : engine_seed;
+  s->seed = x;
   for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
   *out = s;
   return 0;
@@ -149,6 +152,31 @@ void sampler_observe(sampler *s, int32_t id) {
   if (id < 0 || id >= s->vocab) return;
   mark_seen(s, id, 2);
   s->count[id]++;
+  s->n_gen++;
+}
+
+int sampler_device_row(sampler *s, ts_sample_row *row) {
+  const sampling_params *p = &s->p;
+  if (p->n_logit_bias > 0 || p->logprobs >= 0) return 0;
+  memset(row, 0, sizeof *row);
+  row->temperature = p->temperature;
+  row->top_p = p->top_p;
+  row->min_p = p->min_p;
+  row->top_k = p->top_k;
+  row->presence_penalty = p->presence_penalty;
+  row->frequency_penalty = p->frequency_penalty;
+  row->repetition_penalty = p->repetition_penalty;
+  row->seed = s->seed;
+  row->counter = s->n_gen;
+  if (p->repetition_penalty != 1.0f || p->frequency_penalty != 0.0f ||
+      p->presence_penalty != 0.0f) {
+    /* cand is scratch between samples: it carries the seen ids' counts. */
+    for (int i = 0; i < s->n_seen; i++) s->cand[i] = s->count[s->seen_ids[i]];
+    row->n_penalty = s->n_seen;
+    row->penalty_ids = s->seen_ids;
+    row->penalty_counts = s->cand;
+  }
+  return 1;
 }
 
 /* ---- sampling -------------------------------------------------------------------------- */

@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/batch.h"
 #include "util/status.h"
 
 #define SAMPLING_MAX_LOGPROBS 20
@@ -48,5 +49,10 @@ void sampler_observe_prompt(sampler *s, const int32_t *ids, size_t n);
 void sampler_observe(sampler *s, int32_t id);
 /* Samples from logits [vocab] (modified in place). No allocation. */
 int sampler_sample(sampler *s, float *logits, sample_result *out);
+/* Fills the row a device sampler needs to draw this sequence's next token from the same
+ * distribution (its own counter-based stream, not this sampler's draws): 1 when the device can
+ * (no logit_bias, no logprobs), else 0. The penalty lists point into the sampler and stay valid
+ * until its next sample or observe. */
+int sampler_device_row(sampler *s, ts_sample_row *row);
 
 #endif

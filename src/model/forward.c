@@ -144,9 +144,11 @@ static int check_batch(const model *m, const kv_cache *kv, const ts_batch *b,
   return 0;
 }
 
-int model_forward(model *m, kv_cache *kv, const ts_batch *b, const float *hidden_in,
-                  float *hidden_out, float *logits, ts_err *err) {
-  TS_TRY(check_batch(m, kv, b, hidden_in, hidden_out, logits, err));
+/* The step; on the last stage either downloads the logits rows (rows == NULL) or samples them on
+ * the device and writes token ids. */
+static int forward_step(model *m, kv_cache *kv, const ts_batch *b, const float *hidden_in,
+                        float *hidden_out, float *logits, const ts_sample_row *rows,
+                        int32_t *ids, ts_err *err) {
   const model_config *c = &m->cfg;
   const backend_ops *op = m->be->ops;
   void *bc = m->be->ctx;
@@ -213,8 +215,32 @@ int model_forward(model *m, kv_cache *kv, const ts_batch *b, const float *hidden
       op->rmsnorm(bc, s->row_h, &m->w.out_norm, c->rms_eps, nr, d, s->row_x);
     }
     op->matmul(bc, s->row_x, &m->w.lm_head, NULL, nr, s->logits);
+    if (rows) {
+      TS_TRY(op->sample(bc, s->logits, nr, V, rows + r0, ids + r0, err));
+      continue;
+    }
     TS_TRY(sync_be(m->be, err));
     op->download(bc, logits + (size_t)r0 * V, s->logits, (size_t)nr * V * sizeof(float));
   }
   return sync_be(m->be, err);
+}
+
+int model_forward(model *m, kv_cache *kv, const ts_batch *b, const float *hidden_in,
+                  float *hidden_out, float *logits, ts_err *err) {
+  TS_TRY(check_batch(m, kv, b, hidden_in, hidden_out, logits, err));
+  return forward_step(m, kv, b, hidden_in, hidden_out, logits, NULL, NULL, err);
+}
+
+int model_forward_sample(model *m, kv_cache *kv, const ts_batch *b, const ts_sample_row *rows,
+                         int32_t *ids, ts_err *err) {
+  if (!m->be->ops->sample)
+    return ts_errorf(err, TS_EUNSUPPORTED, "the %s backend cannot sample on the device",
+                     m->be->ops->name);
+  if (!model_shard_is_first(&m->shard) || !model_shard_is_last(&m->shard))
+    return ts_errorf(err, TS_EINVAL, "device sampling needs the whole model (one pipeline stage)");
+  if (b->n_logits > 0 && (!rows || !ids))
+    return ts_errorf(err, TS_EINVAL, "device sampling needs rows and an ids buffer");
+  /* check_batch wants a logits buffer for the rows; ids stand in for it. */
+  TS_TRY(check_batch(m, kv, b, NULL, NULL, (float *)ids, err));
+  return forward_step(m, kv, b, NULL, NULL, NULL, rows, ids, err);
 }

@@ -36,5 +36,10 @@ void model_free(model *m);
  * [n_tokens][d_model] (host memory). Unused pointers may be NULL. */
 int model_forward(model *m, kv_cache *kv, const ts_batch *b, const float *hidden_in,
                   float *hidden_out, float *logits, ts_err *err);
+/* The same on a whole model (one pipeline stage), but each logits row is sampled on the device
+ * (backend op `sample`, with rows [b->n_logits]) and only the token ids [b->n_logits] come back.
+ * TS_EUNSUPPORTED when the backend has no device sampler. */
+int model_forward_sample(model *m, kv_cache *kv, const ts_batch *b, const ts_sample_row *rows,
+                         int32_t *ids, ts_err *err);
 
 #endif

@@ -17,6 +17,7 @@
 #include "matmul.cuh"
 #include "norm.cuh"
 #include "rope.cuh"
+#include "sample.cuh"
 
 #define CUDA_CUBLAS_WS_BYTES ((size_t)32 << 20)
 
@@ -100,22 +101,30 @@ static void cuda_upload(void *ctx, void *dst, const void *src, size_t bytes) {
   if (bytes) CUDA_CHECK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream));
 }
 
-/* The one host synchronisation of a step: the logits (or sampled ids) coming back. */
+void cuda_stats_ready(cuda_ctx *c) {
+  if (c->step_timed) cudaEventRecord(c->ev_ready, c->stream);
+}
+
+void cuda_stats_done(cuda_ctx *c) {
+  if (!c->step_timed) return;
+  float ms = 0;
+  cudaEventElapsedTime(&ms, c->ev_step, c->ev_ready);
+  c->gpu_ms += ms;
+  c->wall_ms += host_ms() - c->step_t0;
+  c->n_steps++;
+  c->step_timed = 0;
+}
+
+/* The one host synchronisation of a step: the logits coming back (sampled ids come back
+ * through the sample op). */
 static void cuda_download(void *ctx, void *dst, const void *src, size_t bytes) {
   cuda_ctx *c = (cuda_ctx *)ctx;
   cuda_prof_mark(c, 0);
   if (cuda_graph_flush(c) || !bytes) return;
-  if (c->step_timed) cudaEventRecord(c->ev_ready, c->stream);
+  cuda_stats_ready(c);
   if (CUDA_CHECK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream))) return;
   CUDA_CHECK(c, cudaStreamSynchronize(c->stream));
-  if (c->step_timed) { /* the step's first download: its logits are ready */
-    float ms = 0;
-    cudaEventElapsedTime(&ms, c->ev_step, c->ev_ready);
-    c->gpu_ms += ms;
-    c->wall_ms += host_ms() - c->step_t0;
-    c->n_steps++;
-    c->step_timed = 0;
-  }
+  cuda_stats_done(c); /* the step's first download: its logits are ready */
 }
 
 static int cuda_sync(void *ctx, ts_err *err) {
@@ -165,7 +174,14 @@ static int cuda_weight_prepare(void *ctx, ts_tensor *t, ts_err *err) {
   }
   t->data = dev;
   if (t->ndim >= 2) t->row_stride = t->shape[t->ndim - 1];
+  if (t->ndim >= 2 && (t->dtype == TS_BF16 || t->dtype == TS_F16)) c->weights_16bit = 1;
   return 0;
+}
+
+/* A model of 16-bit matrices gets a bf16 cache: its K/V were computed from 16-bit weights, and a
+ * decode step streams half the bytes. A float32 model keeps float32. */
+static ts_dtype cuda_kv_dtype(void *ctx) {
+  return ((cuda_ctx *)ctx)->weights_16bit ? TS_BF16 : TS_F32;
 }
 
 static void cuda_weight_release(void *ctx, ts_tensor *t) {
@@ -348,6 +364,8 @@ static const backend_ops g_cuda_ops = {
     cuda_op_silu_mul,
     cuda_op_gather_rows,
     cuda_sync,
+    cuda_op_sample,
+    cuda_kv_dtype,
 };
 
 static void cuda_ctx_free(cuda_ctx *c) {
@@ -364,10 +382,10 @@ static void cuda_ctx_free(cuda_ctx *c) {
             "logits ready: %.4f ms GPU clock, %.4f ms host clock (mean)\n",
             c->n_steps, c->n_captures, c->n_replays, c->gpu_ms / c->n_steps,
             c->wall_ms / c->n_steps);
-  static const char *names[16] = {"", "embed", "rmsnorm", "add_rmsnorm", "matmul", "rope",
-                                  "kv_write", "attention", "silu_mul", "gather_rows",
-                                  "matmul lm_head"};
-  for (int i = 1; i < 16 && c->stats == 2; i++)
+  static const char *names[CUDA_OP_COUNT] = {"", "embed", "rmsnorm", "add_rmsnorm", "matmul",
+                                             "rope", "kv_write", "attention", "silu_mul",
+                                             "gather_rows", "matmul lm_head", "sample"};
+  for (int i = 1; i < CUDA_OP_COUNT && c->stats == 2; i++)
     if (c->prof_n[i])
       fprintf(stderr, "cuda prof: %-14s %8ld calls %10.3f ms total %8.4f ms each\n", names[i],
               c->prof_n[i], c->prof_ms[i], c->prof_ms[i] / c->prof_n[i]);
@@ -378,6 +396,8 @@ static void cuda_ctx_free(cuda_ctx *c) {
   cudaFree(c->conv);
   cudaFree(c->attn_ws);
   cudaFree(c->rows_dev);
+  cudaFree(c->samp_dev);
+  if (c->samp_host) cudaFreeHost(c->samp_host);
   cudaFree(c->plan_dev);
   if (c->plan_host) cudaFreeHost(c->plan_host);
   if (c->plan_copied) cudaEventDestroy(c->plan_copied);

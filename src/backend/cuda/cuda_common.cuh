@@ -43,6 +43,7 @@ enum { CUDA_GRAPH_OFF, CUDA_GRAPH_PENDING, CUDA_GRAPH_CAPTURE, CUDA_GRAPH_REPLAY
 typedef struct cuda_ctx {
   int device;
   int sm_count;
+  int weights_16bit; /* a BF16/F16 matrix was prepared: the KV cache is BF16 */
   cudaStream_t stream;
   cublasHandle_t cublas;
   void *cublas_ws; /* fixed cuBLAS workspace, so a later graph capture allocates nothing */
@@ -77,6 +78,10 @@ typedef struct cuda_ctx {
   size_t attn_ws_cap;
   int32_t *rows_dev; /* gather_rows indices that arrived in host memory */
   size_t rows_cap;
+  void *samp_host;   /* pinned: sampling rows and penalty lists in, token ids out */
+  size_t samp_host_cap;
+  void *samp_dev;
+  size_t samp_dev_cap;
 
   /* Decode-step graphs (graph.cu); TESSERA_CUDA_GRAPHS=0 turns them off. */
   int graphs_enabled;
@@ -110,6 +115,11 @@ int cublas_check_at(cuda_ctx *c, cublasStatus_t s, const char *what, const char 
 #define CUBLAS_CHECK(c, call) cublas_check_at((c), (call), #call, __FILE__, __LINE__)
 /* After a kernel launch: records a launch-configuration error. */
 #define CUDA_CHECK_LAUNCH(c, name) cuda_check_at((c), cudaGetLastError(), name, __FILE__, __LINE__)
+
+/* TESSERA_CUDA_STATS: the step's result is about to be produced (records the ready event) /
+ * has reached the host (charges the step's GPU and host time). No-ops unless a step is timed. */
+void cuda_stats_ready(cuda_ctx *c);
+void cuda_stats_done(cuda_ctx *c);
 
 /* Grows a device scratch buffer to at least `bytes`; returns 0 or records the failure. */
 int cuda_scratch_reserve(cuda_ctx *c, void **buf, size_t *cap, size_t bytes);

@@ -17,6 +17,8 @@ enum {
   CUDA_OP_SILU_MUL,
   CUDA_OP_GATHER_ROWS,
   CUDA_OP_MATMUL_HEAD, /* a matmul of more than 65,536 output columns (the lm_head) */
+  CUDA_OP_SAMPLE,      /* eager: after the step's graph */
+  CUDA_OP_COUNT
 };
 
 /* TESSERA_CUDA_STATS=2: charges the time since the previous op to that op (tag 0: none). */
