@@ -142,22 +142,37 @@ __device__ __forceinline__ void pf_load_tile(const pf_args &a, const int32_t *bt
       pf_cp_async16(dv + key * LD + col, vc + base, valid);
     }
   } else {
+    /* Loads then stores, NB chunks at a time: with the loads of a batch in flight together, a
+     * tile costs two round trips to memory instead of one per chunk (the compiler may not move a
+     * global load above a shared store it cannot prove apart). */
     constexpr int CPR = HD / 4; /* 4-element chunks per key row */
+    constexpr int N = PF_BK * CPR / PF_THREADS, NB = N < 8 ? N : 8;
 #pragma unroll
-    for (int i = 0; i < PF_BK * CPR / PF_THREADS; i++) {
-      const int ci = threadIdx.x + i * PF_THREADS;
-      const int key = ci / CPR, col = (ci % CPR) * 4;
-      const int p = k0 + key;
-      float4 kx = make_float4(0.f, 0.f, 0.f, 0.f), vx = kx;
-      if (p < kend) {
-        const size_t base =
-            (((size_t)bt[p / a.block_size] * a.block_size + p % a.block_size) * a.n_kv + kvh) *
-                HD + col;
-        kx = pf_ld4(kc + base);
-        vx = pf_ld4(vc + base);
+    for (int i0 = 0; i0 < N; i0 += NB) {
+      float4 kx[NB], vx[NB];
+#pragma unroll
+      for (int j = 0; j < NB; j++) {
+        const int ci = threadIdx.x + (i0 + j) * PF_THREADS;
+        const int key = ci / CPR, col = (ci % CPR) * 4;
+        const int p = k0 + key;
+        kx[j] = vx[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (p < kend) {
+          const size_t base =
+              (((size_t)bt[p / a.block_size] * a.block_size + p % a.block_size) * a.n_kv + kvh) *
+                  HD + col;
+          kx[j] = pf_ld4(kc + base);
+          vx[j] = pf_ld4(vc + base);
+        }
       }
-      *(uint2 *)(dk + key * LD + col) = make_uint2(pf_pack(kx.x, kx.y), pf_pack(kx.z, kx.w));
-      *(uint2 *)(dv + key * LD + col) = make_uint2(pf_pack(vx.x, vx.y), pf_pack(vx.z, vx.w));
+#pragma unroll
+      for (int j = 0; j < NB; j++) {
+        const int ci = threadIdx.x + (i0 + j) * PF_THREADS;
+        const int key = ci / CPR, col = (ci % CPR) * 4;
+        *(uint2 *)(dk + key * LD + col) =
+            make_uint2(pf_pack(kx[j].x, kx[j].y), pf_pack(kx[j].z, kx[j].w));
+        *(uint2 *)(dv + key * LD + col) =
+            make_uint2(pf_pack(vx[j].x, vx[j].y), pf_pack(vx[j].z, vx[j].w));
+      }
     }
   }
 }
@@ -174,7 +189,8 @@ __global__ void __launch_bounds__(PF_THREADS) attention_prefill_kernel(pf_args a
   __shared__ int sh_kmax[PF_WARPS];
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp == 0) pf_find_tile(a, blockIdx.x, sh_tile);
+  /* Last tiles first: a sequence's later tokens see the most keys. */
+  if (warp == 0) pf_find_tile(a, gridDim.x - 1 - blockIdx.x, sh_tile);
   __syncthreads();
   const int s = sh_tile[0];
   if (s < 0) return; /* block-uniform: the grid is sized for the most tiles the step can have */
