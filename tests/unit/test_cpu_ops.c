@@ -104,9 +104,10 @@ static void test_matmul(backend *be) {
     for (int trial = 0; trial < 6; trial++) {
       ts_dtype dt = dts[di];
       int quant = dt == TS_Q8_0 || dt == TS_Q4_0;
-      int k = quant ? 32 * rand_int(1, 5) : rand_int(1, 150);
+      /* Trial 5: rows long enough that a thread's rows span several cache blocks. */
+      int k = quant ? 32 * rand_int(1, 5) : trial == 5 ? rand_int(2000, 5000) : rand_int(1, 150);
       int m = rand_int(1, 75);
-      int n = trial == 0 ? 1 : rand_int(1, 9);
+      int n = trial == 0 ? 1 : rand_int(1, 20);
       int stride = k + (trial % 2 ? (quant ? 32 : rand_int(1, 7)) : 0);
       test_weight w = make_weight(dt, m, k, stride, 0);
       test_weight b = make_weight(trial % 3 == 0 ? TS_BF16 : TS_F32, 1, m, m, 1);
@@ -125,6 +126,13 @@ static void test_matmul(backend *be) {
           CHECK_MSG(close_to(got, acc, 1e-5 * (mag + 1)), "matmul %s n=%d m=%d k=%d t=%d r=%d: %g vs %g",
                     ts_dtype_table[dt].name, n, m, k, t, r, got, acc);
         }
+      /* Batch invariance: the last token alone gives the same bits. */
+      float *y1 = malloc(sizeof(float) * (size_t)m);
+      be->ops->matmul(be->ctx, x + (size_t)(n - 1) * k, &w.t, with_bias ? &b.t : NULL, 1, y1);
+      CHECK_MSG(!memcmp(y1, y + (size_t)(n - 1) * m, sizeof(float) * (size_t)m),
+                "matmul %s n=%d m=%d k=%d: a token depends on its batch", ts_dtype_table[dt].name,
+                n, m, k);
+      free(y1);
       free(x);
       free(y);
       free_weight(&w);

@@ -96,11 +96,13 @@ typedef struct {
   int64_t n, k, m;
   float *y; /* [n][m] */
   int bf16_x; /* x was rounded to bf16 into c->act ([n][k] uint16) */
+  int widen;  /* 16-bit weights widened to float32 a row block at a time into thread scratch */
 } cpu_mm_args;
 
-/* AVX-512 kernels for F32/F16/BF16 weights (matmul_avx512.c): rows [r0, r1) of y. */
+/* AVX-512 kernels for F32/F16/BF16 weights (matmul_avx512.c): rows [r0, r1) of y, on pool
+ * thread `thread` (whose scratch it may use). */
 int cpu_matmul_avx512_supports(ts_dtype dt);
-void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1);
+void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1, int thread);
 /* The whole matmul on the AVX-512 kernels; returns 0 (nothing done) when the level or the
  * dtype does not allow it. */
 int cpu_matmul_avx512(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias,

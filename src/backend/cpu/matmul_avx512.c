@@ -37,6 +37,20 @@ TGT INL __m512 load_w_mask(int wt, const void *p, int64_t i, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+/* The horizontal sums of four accumulators into out[0..3], sharing the shuffles. Each sum is
+ * added in the same order whatever its position, so a row's result does not depend on which
+ * rows share its tile. */
+__attribute__((target("avx512f,avx512dq"))) INL void reduce4(__m512 a, __m512 b, __m512 c, __m512 d, float out[4]) {
+  __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                              _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+  /* Each 128-bit lane now holds [a b c d] partial sums. */
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
 /* out[t][r] = w[r] . x[t] for r < 4, t < T.   x [T][ldx] float; w[4] rows of k elements. */
 TGT INL void tile(int wt, int T, const void *const *w, const float *x, int64_t ldx, int64_t k,
                   float out[TILE_T][TILE_R]) {
@@ -81,8 +95,7 @@ TGT INL void tile(int wt, int T, const void *const *w, const float *x, int64_t l
   }
 #pragma GCC unroll 8
   for (int t = 0; t < T; t++)
-#pragma GCC unroll 4
-    for (int r = 0; r < TILE_R; r++) out[t][r] = _mm512_reduce_add_ps(acc[r][t]);
+    reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out[t]);
 }
 
 /* One instantiation per (weight type, tile width), so the accumulators live in registers. */
@@ -139,8 +152,7 @@ BF_TGT INL void tile_dp(int T, const void *const *w, const uint16_t *x, int64_t 
   }
 #pragma GCC unroll 8
   for (int t = 0; t < T; t++)
-#pragma GCC unroll 4
-    for (int r = 0; r < TILE_R; r++) out[t][r] = _mm512_reduce_add_ps(acc[r][t]);
+    reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out[t]);
 }
 
 BF_TGT static void tile_bf16dot(int T, const void *const *w, const void *x, int64_t ldx,
@@ -177,14 +189,25 @@ int cpu_matmul_avx512_supports(ts_dtype dt) {
 }
 
 static void avx512_rows(void *arg, int64_t r0, int64_t r1, int thread) {
-  (void)thread;
-  cpu_matmul_avx512_rows(arg, r0, r1);
+  cpu_matmul_avx512_rows(arg, r0, r1, thread);
+}
+
+/* Tokens from which a 16-bit weight block is widened to float32 once into the thread's scratch
+ * and every token tile then runs the plain float32 tile on it: the widening (a shuffle that
+ * competes with the FMAs for a port) is paid once per block instead of once per token tile.
+ * Widening is exact, so the results are the same bits either way. */
+#define WIDEN_MIN_TOKENS 8
+#define WIDEN_BLOCK_BYTES (512u << 10) /* float32 rows widened at a time (kept in L2) */
+
+static int64_t widen_rows(int64_t k) {
+  int64_t rs = (int64_t)(WIDEN_BLOCK_BYTES / ((size_t)k * sizeof(float)));
+  return rs < TILE_R ? TILE_R : rs - rs % TILE_R;
 }
 
 int cpu_matmul_avx512(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias,
                       int n, float *y) {
   if (c->simd < CPU_ISA_AVX512 || !cpu_matmul_avx512_supports(w->dtype)) return 0;
-  cpu_mm_args a = {c, x, w, bias, n, w->shape[1], w->shape[0], y, 0};
+  cpu_mm_args a = {c, x, w, bias, n, w->shape[1], w->shape[0], y, 0, 0};
   if (w->dtype == TS_BF16 && c->bf16_act && c->has_bf16) {
     size_t need = (size_t)n * (size_t)a.k * 2 + 64;
     if (need > c->cap_act) {
@@ -197,28 +220,54 @@ int cpu_matmul_avx512(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_t
     threadpool_parallel_for(c->pool, n, 8, to_bf16_rows, &a);
     a.bf16_x = 1;
   }
+  /* Without scratch for the widened rows, the in-place tiles give the same result. */
+  a.widen = w->dtype != TS_F32 && !a.bf16_x && n >= WIDEN_MIN_TOKENS &&
+            cpu_scratch_reserve(c, (size_t)widen_rows(a.k) * (size_t)a.k) == 0;
   /* 4-row tiles; at least 64 rows a thread so small matrices stay on one core. */
   threadpool_parallel_for(c->pool, a.m, 64, avx512_rows, &a);
   return 1;
 }
 
-void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1) {
+BF_TGT static void widen_bf16(const uint16_t *s, int64_t n, float *d) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(d + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + i))),
+                                16)));
+  for (; i < n; i++) d[i] = ts_bf16_to_f32(s[i]);
+}
+
+void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1, int thread) {
   const ts_tensor *W = a->w;
   tile_fn fn = W->dtype == TS_F32 ? tile_f32 : W->dtype == TS_F16 ? tile_f16 : tile_bf16;
   const int64_t k = a->k, m = a->m;
+  const int64_t n = a->n;
   if (a->bf16_x) fn = tile_bf16dot;
+  const int widen = a->widen;
   /* Rows in blocks of about 512 KiB of weights, kept in L2 while every token tile passes over
    * them; a token tile (6 x k floats) stays in L1 across the block's row tiles. */
   int64_t rs = (int64_t)((512u << 10) / ts_dtype_bytes(W->dtype, k));
   rs = rs < TILE_R ? TILE_R : rs - rs % TILE_R;
+  if (widen) rs = widen_rows(k);
+  float *wf = widen ? cpu_scratch(a->c, thread) : NULL; /* [rs][k] widened rows */
   for (int64_t s0 = r0; s0 < r1; s0 += rs) {
     int64_t s1 = s0 + rs < r1 ? s0 + rs : r1;
-    for (int64_t t = 0; t < a->n; t += TILE_T) {
-      int T = (int)(a->n - t < TILE_T ? a->n - t : TILE_T);
+    if (widen)
+      for (int64_t r = s0; r < s1; r++) {
+        if (W->dtype == TS_BF16)
+          widen_bf16(cpu_weight_row(W, r), k, wf + (r - s0) * k);
+        else
+          cpu_row_to_f32(a->c, W->dtype, cpu_weight_row(W, r), k, wf + (r - s0) * k);
+      }
+    for (int64_t t = 0; t < n; t += TILE_T) {
+      int T = (int)(n - t < TILE_T ? n - t : TILE_T);
       for (int64_t rb = s0; rb < s1; rb += TILE_R) {
         int nr = (int)(s1 - rb < TILE_R ? s1 - rb : TILE_R);
         const void *wr[TILE_R];
-        for (int r = 0; r < TILE_R; r++) wr[r] = cpu_weight_row(W, rb + (r < nr ? r : 0));
+        for (int r = 0; r < TILE_R; r++) {
+          int64_t row = rb + (r < nr ? r : 0);
+          wr[r] = widen ? (const void *)(wf + (row - s0) * k) : cpu_weight_row(W, row);
+        }
         float bias[TILE_R] = {0};
         if (a->bias && ts_tensor_present(a->bias))
           cpu_row_to_f32(a->c, a->bias->dtype,
@@ -227,7 +276,7 @@ void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1) {
         float out[TILE_T][TILE_R];
         const void *xt = a->bf16_x ? (const void *)((const uint16_t *)a->c->act + t * k)
                                    : (const void *)(a->x + t * k);
-        fn(T, wr, xt, k, k, out);
+        (widen ? tile_f32 : fn)(T, wr, xt, k, k, out);
         for (int q = 0; q < T; q++) {
           float *yq = a->y + (t + q) * m + rb;
           for (int r = 0; r < nr; r++) yq[r] = out[q][r] + bias[r];
@@ -250,10 +299,11 @@ int cpu_matmul_avx512_supports(ts_dtype dt) {
   return 0;
 }
 
-void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1) {
+void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1, int thread) {
   (void)a;
   (void)r0;
   (void)r1;
+  (void)thread;
 }
 
 #endif

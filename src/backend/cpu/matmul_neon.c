@@ -77,7 +77,7 @@ int cpu_matmul_neon(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_ten
                     float *y) {
   ts_dtype dt = w->dtype;
   if (c->simd < CPU_ISA_AVX2 || !(dt == TS_F32 || dt == TS_F16 || dt == TS_BF16)) return 0;
-  cpu_mm_args a = {c, x, w, bias, n, w->shape[1], w->shape[0], y, 0};
+  cpu_mm_args a = {c, x, w, bias, n, w->shape[1], w->shape[0], y, 0, 0};
   threadpool_parallel_for(c->pool, a.m, 64, neon_rows, &a);
   return 1;
 }
