@@ -19,7 +19,9 @@
 #define INL static inline __attribute__((always_inline))
 #define TILE_R 4
 #define TILE_T 6
-#define PF_BYTES 512 /* software prefetch distance along a weight row */
+/* Software prefetch distance of the weight stream: the same place in the next row tile (rows
+ * are contiguous, so that is TILE_R rows on), at most PF_MAX bytes ahead. */
+#define PF_MAX (16 << 10)
 
 enum { W_F32, W_F16, W_BF16 };
 
@@ -51,6 +53,12 @@ __attribute__((target("avx512f,avx512dq"))) INL void reduce4(__m512 a, __m512 b,
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
 
+INL int64_t pf_distance(const void *const *w) {
+  int64_t step = (const char *)w[1] - (const char *)w[0]; /* 0 in a tile of one row */
+  int64_t d = step > 0 ? TILE_R * step : 512;
+  return d < PF_MAX ? d : PF_MAX;
+}
+
 /* out[t][r] = w[r] . x[t] for r < 4, t < T.   x [T][ldx] float; w[4] rows of k elements. */
 TGT INL void tile(int wt, int T, const void *const *w, const float *x, int64_t ldx, int64_t k,
                   float out[TILE_T][TILE_R]) {
@@ -60,15 +68,16 @@ TGT INL void tile(int wt, int T, const void *const *w, const float *x, int64_t l
 #pragma GCC unroll 4
     for (int r = 0; r < TILE_R; r++) acc[r][t] = _mm512_setzero_ps();
   int64_t i = 0;
-  /* Few tokens: the tile is bound by the weight stream, and four rows interleaved within one
-   * page defeat the hardware prefetcher near page ends; ask for each row PF_BYTES ahead. */
+  /* Few tokens: the tile is bound by the weight stream, which the hardware prefetcher alone
+   * does not keep busy (four interleaved rows, page ends); fetch the next tile's rows. */
   const int pf = T <= 2;
   const int esz = wt == W_F32 ? 4 : 2;
+  const int64_t pfd = pf_distance(w);
   for (; i + 16 <= k; i += 16) {
     if (pf)
 #pragma GCC unroll 4
       for (int r = 0; r < TILE_R; r++)
-        _mm_prefetch((const char *)w[r] + i * esz + PF_BYTES, _MM_HINT_T0);
+        _mm_prefetch((const char *)w[r] + i * esz + pfd, _MM_HINT_T0);
     __m512 w0 = load_w(wt, w[0], i), w1 = load_w(wt, w[1], i);
     __m512 w2 = load_w(wt, w[2], i), w3 = load_w(wt, w[3], i);
 #pragma GCC unroll 8
@@ -128,13 +137,14 @@ BF_TGT INL void tile_dp(int T, const void *const *w, const uint16_t *x, int64_t 
 #pragma GCC unroll 4
     for (int r = 0; r < TILE_R; r++) acc[r][t] = _mm512_setzero_ps();
   const uint16_t *w0p = w[0], *w1p = w[1], *w2p = w[2], *w3p = w[3];
+  const int64_t pfd = pf_distance(w);
   int64_t i = 0;
   for (; i < k; i += 32) {
     if (T <= 2) {
-      _mm_prefetch((const char *)(w0p + i) + PF_BYTES, _MM_HINT_T0);
-      _mm_prefetch((const char *)(w1p + i) + PF_BYTES, _MM_HINT_T0);
-      _mm_prefetch((const char *)(w2p + i) + PF_BYTES, _MM_HINT_T0);
-      _mm_prefetch((const char *)(w3p + i) + PF_BYTES, _MM_HINT_T0);
+      _mm_prefetch((const char *)(w0p + i) + pfd, _MM_HINT_T0);
+      _mm_prefetch((const char *)(w1p + i) + pfd, _MM_HINT_T0);
+      _mm_prefetch((const char *)(w2p + i) + pfd, _MM_HINT_T0);
+      _mm_prefetch((const char *)(w3p + i) + pfd, _MM_HINT_T0);
     }
     __mmask32 m = k - i >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (k - i)) - 1);
     __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(m, w0p + i);

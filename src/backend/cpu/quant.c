@@ -213,6 +213,9 @@ V512_TGT INL __m512i load_wpair(ts_dtype dt, const uint8_t *row, int64_t b, int 
     const int64_t nb = a->k / 32;                                                               \
     const int bsz = (DT) == TS_Q8_0 ? 34 : 18;                                                  \
     const __m512i off = _mm512_set1_epi8((DT) == TS_Q8_0 ? (char)0x80 : 8);                     \
+    /* Prefetch distance: the same place in the next row tile (rows are contiguous). */         \
+    const int64_t step_ = a->w[1] - a->w[0];                                                    \
+    const int64_t pfd = step_ > 0 ? (QR * step_ < 16384 ? QR * step_ : 16384) : 512;            \
     __m512 acc[QR][T];                                                                          \
     _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++)                                        \
         _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();    \
@@ -222,7 +225,7 @@ V512_TGT INL __m512i load_wpair(ts_dtype dt, const uint8_t *row, int64_t b, int 
       __m512 dw[QR];                                                                            \
       _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++) {                                    \
         if (T <= 2) /* weight-stream bound: fetch each row ahead */                            \
-          _mm_prefetch((const char *)a->w[r] + b * bsz + 512, _MM_HINT_T0);                     \
+          _mm_prefetch((const char *)a->w[r] + b * bsz + pfd, _MM_HINT_T0);                     \
         wv[r] = load_wpair(DT, a->w[r], b, two, &dw[r]);                                        \
       }                                                                                         \
       _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {                                     \
