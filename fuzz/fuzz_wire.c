@@ -36,7 +36,7 @@ static void decode_payload(int type, const uint8_t *p, size_t n) {
   case WIRE_MSG_STEP: {
     wire_step s;
     if (wire_decode_step(p, n, &s, &err) == 0) {
-      if (wire_encode_step(&w, s.step_id, s.flags, &s.batch, &err) != 0) abort();
+      if (wire_encode_step(&w, s.step_id, s.flags, &s.batch, s.rows, &err) != 0) abort();
       /* The re-encoded payload is the input, byte for byte. */
       if (w.len != n + WIRE_HEADER_SIZE || memcmp(w.data + WIRE_HEADER_SIZE, p, n)) abort();
       wire_step_free(&s);

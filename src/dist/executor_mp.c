@@ -43,6 +43,7 @@ typedef struct {
 
 typedef struct {
   executor *ex;
+  executor_ops ops;       /* mp's or ray's, plus device sampling when every worker offers it */
   executor_mp_config cfg;
   char *model_path, *layer_split, *device, *ray_address, *ray_key, *ray_env, *ray_strategy;
   char exe[PATH_MAX];
@@ -671,7 +672,7 @@ static int step_fail(mp_impl *im, ts_err *err, int rc) {
 
 /* Caller holds mu. Ships the plan to every worker and queues it as outstanding. */
 static int submit_locked(mp_impl *im, executor *ex, uint64_t step_id, const ts_batch *b,
-                         ts_err *err) {
+                         const ts_sample_row *rows, ts_err *err) {
   if (state_get(im) != MP_UP) {
     pthread_mutex_lock(&im->reason_mu);
     int rc = ts_errorf(err, TS_ENET, "the workers are down: %.900s", im->reason);
@@ -683,7 +684,7 @@ static int submit_locked(mp_impl *im, executor *ex, uint64_t step_id, const ts_b
   if (im->n_inflight >= MP_MAX_INFLIGHT || im->n_inflight >= ex->info.max_inflight)
     return ts_errorf(err, TS_EBUSY, "%d steps are already in flight", im->n_inflight);
   wire_buf_reset(&im->out);
-  TS_TRY(wire_encode_step(&im->out, step_id, 0, b, err));
+  TS_TRY(wire_encode_step(&im->out, step_id, rows ? WIRE_STEP_SAMPLE : 0, b, rows, err));
   for (int r = 0; r < im->world; r++) {
     int rc = send_to(im, r, err);
     if (rc < 0) return step_fail(im, err, rc);
@@ -696,9 +697,9 @@ static int submit_locked(mp_impl *im, executor *ex, uint64_t step_id, const ts_b
 }
 
 /* Caller holds mu. Takes the oldest outstanding step off the queue (even when it fails) and waits
- * for its result. */
+ * for its result: logits rows, or with ids the token ids the workers sampled. */
 static int collect_locked(mp_impl *im, executor *ex, uint64_t *step_id_out, float *logits,
-                          ts_err *err) {
+                          int32_t *ids, ts_err *err) {
   if (im->n_inflight == 0) return ts_errorf(err, TS_EINVAL, "executor: no step in flight");
   uint64_t step_id = im->inflight_id[im->inflight_head];
   int n_logits = im->inflight_rows[im->inflight_head];
@@ -790,14 +791,23 @@ static int collect_locked(mp_impl *im, executor *ex, uint64_t *step_id_out, floa
         rc = step_fail(im, err, rc);
         break;
       }
-      if (res.step_id != step_id || res.kind != WIRE_RESULT_LOGITS || res.n_rows != n_logits ||
-          res.vocab != ex->info.vocab_size) {
+      int want = ids ? WIRE_RESULT_TOKENS : WIRE_RESULT_LOGITS;
+      if (res.step_id != step_id || res.kind != want || res.n_rows != n_logits ||
+          (!ids && res.vocab != ex->info.vocab_size)) {
         rc = step_fail(im, err, ts_errorf(err, TS_EPROTO,
                                           "worker rank %d answered step %llu with %d rows of %d; "
                                           "expected step %llu, %d rows of %d",
                                           r, (unsigned long long)res.step_id, res.n_rows, res.vocab,
                                           (unsigned long long)step_id, n_logits,
                                           ex->info.vocab_size));
+      } else if (ids) {
+        for (int i = 0; i < res.n_rows && rc == 0; i++)
+          if (res.tokens[i] < 0 || res.tokens[i] >= ex->info.vocab_size)
+            rc = step_fail(im, err, ts_errorf(err, TS_EPROTO, "worker rank %d sampled token %d "
+                                              "outside the vocabulary of %d", r, res.tokens[i],
+                                              ex->info.vocab_size));
+        if (rc == 0) memcpy(ids, res.tokens, (size_t)res.n_rows * sizeof *ids);
+        done = 1;
       } else {
         memcpy(logits, res.logits, (size_t)res.n_rows * (size_t)res.vocab * sizeof *logits);
         done = 1;
@@ -816,8 +826,20 @@ static int mp_execute_step(executor *ex, uint64_t step_id, const ts_batch *b, fl
   mp_impl *im = ex->impl;
   pthread_mutex_lock(&im->mu);
   int rc = im->n_inflight ? ts_errorf(err, TS_EBUSY, "executor: steps are in flight")
-                          : submit_locked(im, ex, step_id, b, err);
-  if (rc == 0) rc = collect_locked(im, ex, NULL, logits, err);
+                          : submit_locked(im, ex, step_id, b, NULL, err);
+  if (rc == 0) rc = collect_locked(im, ex, NULL, logits, NULL, err);
+  pthread_mutex_unlock(&im->mu);
+  return rc;
+}
+
+/* Offered only when every worker can sample on its device (one pipeline stage). */
+static int mp_execute_step_sample(executor *ex, uint64_t step_id, const ts_batch *b,
+                                  const ts_sample_row *rows, int32_t *ids, ts_err *err) {
+  mp_impl *im = ex->impl;
+  pthread_mutex_lock(&im->mu);
+  int rc = im->n_inflight ? ts_errorf(err, TS_EBUSY, "executor: steps are in flight")
+                          : submit_locked(im, ex, step_id, b, rows, err);
+  if (rc == 0) rc = collect_locked(im, ex, NULL, NULL, ids, err);
   pthread_mutex_unlock(&im->mu);
   return rc;
 }
@@ -825,7 +847,7 @@ static int mp_execute_step(executor *ex, uint64_t step_id, const ts_batch *b, fl
 static int mp_submit_step(executor *ex, uint64_t step_id, const ts_batch *b, ts_err *err) {
   mp_impl *im = ex->impl;
   pthread_mutex_lock(&im->mu);
-  int rc = submit_locked(im, ex, step_id, b, err);
+  int rc = submit_locked(im, ex, step_id, b, NULL, err);
   pthread_mutex_unlock(&im->mu);
   return rc;
 }
@@ -833,7 +855,7 @@ static int mp_submit_step(executor *ex, uint64_t step_id, const ts_batch *b, ts_
 static int mp_collect_step(executor *ex, uint64_t *step_id, float *logits, ts_err *err) {
   mp_impl *im = ex->impl;
   pthread_mutex_lock(&im->mu);
-  int rc = collect_locked(im, ex, step_id, logits, err);
+  int rc = collect_locked(im, ex, step_id, logits, NULL, err);
   pthread_mutex_unlock(&im->mu);
   return rc;
 }
@@ -1008,6 +1030,11 @@ int executor_mp_create(executor **out, const executor_mp_config *cfg, ts_err *er
       ex->info.kv_bytes_limit = lim;
   }
   ex->info.max_inflight = cfg->pp < MP_MAX_INFLIGHT ? cfg->pp : MP_MAX_INFLIGHT;
+  int can_sample = 1;
+  for (int r = 0; r < world; r++) can_sample &= w[r].info.can_sample;
+  im->ops = *ex->ops;
+  if (can_sample) im->ops.execute_step_sample = mp_execute_step_sample;
+  ex->ops = &im->ops;
   log_layout(im);
   if (pthread_create(&im->monitor, NULL, monitor_main, im) != 0) {
     teardown(im);

@@ -4,6 +4,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -418,12 +419,104 @@ int wire_batch_validate(const ts_batch *b, ts_err *err) {
   return 0;
 }
 
+/* What a sampled row may say; the device sampler relies on it. */
+static int sample_row_check(const ts_sample_row *s, int i, ts_err *err) {
+  int ok = isfinite(s->temperature) && s->temperature >= 0 && isfinite(s->top_p) &&
+           s->top_p > 0 && s->top_p <= 1 && isfinite(s->min_p) && s->min_p >= 0 &&
+           s->min_p <= 1 && s->top_k >= -1 && isfinite(s->presence_penalty) &&
+           isfinite(s->frequency_penalty) && isfinite(s->repetition_penalty) &&
+           s->repetition_penalty > 0 && s->n_penalty >= 0 &&
+           (s->n_penalty == 0 || (s->penalty_ids && s->penalty_counts));
+  for (int k = 0; ok && k < s->n_penalty; k++)
+    ok = s->penalty_ids[k] >= 0 && s->penalty_counts[k] >= 0;
+  if (!ok) return ts_errorf(err, TS_EPROTO, "STEP sampling row %d is out of range", i);
+  return 0;
+}
+
+/* Per row: f32 temperature, top_p, min_p | i32 top_k | f32 presence, frequency, repetition
+ * penalties | u64 seed, counter | i32 n_penalty, then ids [n_penalty] and counts [n_penalty]. */
+#define WIRE_SAMPLE_ROW_BYTES 48
+
+static void put_sample_rows(wire_buf *b, const ts_sample_row *rows, int n) {
+  for (int i = 0; i < n; i++) {
+    const ts_sample_row *s = &rows[i];
+    wire_put_f32(b, s->temperature);
+    wire_put_f32(b, s->top_p);
+    wire_put_f32(b, s->min_p);
+    wire_put_i32(b, s->top_k);
+    wire_put_f32(b, s->presence_penalty);
+    wire_put_f32(b, s->frequency_penalty);
+    wire_put_f32(b, s->repetition_penalty);
+    wire_put_u64(b, s->seed);
+    wire_put_u64(b, s->counter);
+    wire_put_i32(b, s->n_penalty);
+    wire_put_i32_array(b, s->penalty_ids, (size_t)s->n_penalty);
+    wire_put_i32_array(b, s->penalty_counts, (size_t)s->n_penalty);
+  }
+}
+
+/* rows [n] and their penalty arrays, carved from one allocation that the payload bounds. */
+static int get_sample_rows(wire_reader *r, int n, ts_sample_row **rows_out, void **mem_out,
+                           ts_err *err) {
+  size_t left = wire_reader_left(r);
+  if ((uint64_t)n * WIRE_SAMPLE_ROW_BYTES > left)
+    return ts_errorf(err, TS_EPROTO, "STEP has %d sampling rows in %zu bytes", n, left);
+  size_t words = (left - (size_t)n * WIRE_SAMPLE_ROW_BYTES) / 4;
+  ts_sample_row *rows = calloc(n ? (size_t)n : 1, sizeof *rows);
+  int32_t *pool = malloc(words ? words * 4 : 1);
+  if (!rows || !pool) {
+    free(rows);
+    free(pool);
+    return ts_errorf(err, TS_ENOMEM, "out of memory decoding STEP");
+  }
+  size_t used = 0;
+  int rc = 0;
+  for (int i = 0; i < n && rc == 0; i++) {
+    ts_sample_row *s = &rows[i];
+    s->temperature = wire_get_f32(r);
+    s->top_p = wire_get_f32(r);
+    s->min_p = wire_get_f32(r);
+    s->top_k = wire_get_i32(r);
+    s->presence_penalty = wire_get_f32(r);
+    s->frequency_penalty = wire_get_f32(r);
+    s->repetition_penalty = wire_get_f32(r);
+    s->seed = wire_get_u64(r);
+    s->counter = wire_get_u64(r);
+    int32_t np = wire_get_i32(r);
+    if (r->failed || np < 0 || 2 * (uint64_t)np > words - used ||
+        8 * (uint64_t)np > wire_reader_left(r)) {
+      rc = ts_errorf(err, TS_EPROTO, "STEP sampling row %d is truncated", i);
+      break;
+    }
+    s->n_penalty = np;
+    s->penalty_ids = pool + used;
+    s->penalty_counts = pool + used + np;
+    wire_get_i32_array(r, pool + used, (size_t)np);
+    wire_get_i32_array(r, pool + used + np, (size_t)np);
+    used += 2 * (size_t)np;
+    rc = sample_row_check(s, i, err);
+  }
+  if (rc < 0) {
+    free(rows);
+    free(pool);
+    return rc;
+  }
+  *rows_out = rows;
+  mem_out[0] = rows;
+  mem_out[1] = pool;
+  return 0;
+}
+
 int wire_encode_step(wire_buf *b, uint64_t step_id, uint32_t flags, const ts_batch *batch,
-                     ts_err *err) {
+                     const ts_sample_row *rows, ts_err *err) {
   ts_batch bt = *batch;
   int32_t zero = 0;
   if (bt.n_seqs == 0 && !bt.seq_start) bt.seq_start = &zero;
   TS_TRY(wire_batch_validate(&bt, err));
+  int sample = (flags & WIRE_STEP_SAMPLE) != 0;
+  if (sample && bt.n_logits > 0 && !rows)
+    return ts_errorf(err, TS_EINVAL, "a sampled STEP needs its sampling rows");
+  for (int i = 0; sample && i < bt.n_logits; i++) TS_TRY(sample_row_check(&rows[i], i, err));
   frame_ctx f = frame_open(b, WIRE_MSG_STEP);
   wire_put_u64(b, step_id);
   wire_put_u32(b, flags);
@@ -437,6 +530,7 @@ int wire_encode_step(wire_buf *b, uint64_t step_id, uint32_t flags, const ts_bat
   wire_put_i32_array(b, bt.ctx_len, (size_t)bt.n_seqs);
   wire_put_i32_array(b, bt.block_table, (size_t)bt.n_seqs * (size_t)bt.max_blocks);
   wire_put_i32_array(b, bt.logits_rows, (size_t)bt.n_logits);
+  if (sample) put_sample_rows(b, rows, bt.n_logits);
   return frame_close(f, err);
 }
 
@@ -454,7 +548,10 @@ int wire_decode_step(const uint8_t *p, size_t n, wire_step *out, ts_err *err) {
   /* The counts must account for the payload exactly; this also bounds the allocation. */
   uint64_t words = 2 * (uint64_t)nt + 2 * (uint64_t)ns + 1 + (uint64_t)ns * (uint64_t)mb +
                    (uint64_t)nl;
-  if (!words_fit(words, 4, &r))
+  int sample = (out->flags & WIRE_STEP_SAMPLE) != 0;
+  if (out->flags & ~(uint32_t)WIRE_STEP_SAMPLE)
+    return ts_errorf(err, TS_EPROTO, "STEP has unknown flags 0x%x", out->flags);
+  if (sample ? words * 4 > wire_reader_left(&r) : !words_fit(words, 4, &r))
     return ts_errorf(err, TS_EPROTO, "STEP counts need %llu words, payload has %zu bytes",
                      (unsigned long long)words, wire_reader_left(&r));
   int32_t *mem = malloc((size_t)words * 4);
@@ -472,15 +569,26 @@ int wire_decode_step(const uint8_t *p, size_t n, wire_step *out, ts_err *err) {
   bt->block_table = q, q += (size_t)ns * (size_t)mb;
   bt->n_logits = nl;
   bt->logits_rows = q;
-  out->mem_ = mem;
-  int rc = decode_done(&r, "STEP", err);
+  /* mem_ holds three blocks: the batch's words, the sampling rows, their penalty arrays. */
+  void **blocks = calloc(3, sizeof *blocks);
+  if (!blocks) {
+    free(mem);
+    return ts_errorf(err, TS_ENOMEM, "out of memory decoding STEP");
+  }
+  blocks[0] = mem;
+  out->mem_ = blocks;
+  int rc = sample ? get_sample_rows(&r, nl, &out->rows, blocks + 1, err) : 0;
+  if (rc == 0) rc = decode_done(&r, "STEP", err);
   if (rc == 0) rc = wire_batch_validate(bt, err);
   if (rc < 0) wire_step_free(out);
   return rc;
 }
 
 void wire_step_free(wire_step *s) {
-  free(s->mem_);
+  void **blocks = s->mem_;
+  if (blocks)
+    for (int i = 0; i < 3; i++) free(blocks[i]);
+  free(blocks);
   memset(s, 0, sizeof *s);
 }
 
@@ -692,6 +800,7 @@ int wire_encode_info(wire_buf *b, const wire_info *i, ts_err *err) {
   wire_put_i32(b, i->bos_id);
   wire_put_u32(b, (uint32_t)i->n_eos);
   wire_put_i32_array(b, i->eos_ids, (size_t)i->n_eos);
+  wire_put_u8(b, i->can_sample ? 1 : 0);
   return frame_close(f, err);
 }
 
@@ -709,6 +818,9 @@ int wire_decode_info(const uint8_t *p, size_t n, wire_info *out, ts_err *err) {
   if (r.failed || ne > WIRE_MAX_EOS) return ts_errorf(err, TS_EPROTO, "INFO header malformed");
   out->n_eos = (int32_t)ne;
   wire_get_i32_array(&r, out->eos_ids, ne);
+  uint8_t cs = wire_get_u8(&r);
+  if (cs > 1) return ts_errorf(err, TS_EPROTO, "INFO has a bad can_sample flag %u", cs);
+  out->can_sample = cs;
   TS_TRY(decode_done(&r, "INFO", err));
   return info_check(out, err);
 }

@@ -24,7 +24,7 @@
 #include "util/tensor.h"
 
 #define WIRE_MAGIC 0x52575354u /* "TSWR" as little-endian bytes */
-#define WIRE_VERSION 1
+#define WIRE_VERSION 2
 #define WIRE_HEADER_SIZE 12
 #define WIRE_MAX_FRAME ((size_t)1 << 30) /* default payload limit: 1 GiB */
 #define WIRE_SECRET_LEN 32
@@ -140,11 +140,14 @@ typedef struct {
 
 enum { WIRE_STEP_SAMPLE = 1 }; /* step flags: return sampled ids rather than logits rows */
 
-/* A step plan. After wire_decode_step, batch's arrays point into memory owned by the step. */
+/* A step plan. After wire_decode_step, batch's arrays (and rows with their penalty arrays)
+ * point into memory owned by the step. With WIRE_STEP_SAMPLE the plan carries how to sample
+ * each logits row on the worker's device (rows [batch.n_logits]); otherwise rows is NULL. */
 typedef struct {
   uint64_t step_id;
   uint32_t flags;
   ts_batch batch;
+  ts_sample_row *rows;
   void *mem_;
 } wire_step;
 
@@ -191,6 +194,7 @@ typedef struct {
   int32_t bos_id;              /* -1 when none */
   int32_t n_eos;
   int32_t eos_ids[WIRE_MAX_EOS];
+  int32_t can_sample;          /* 1: the worker can sample on its device (WIRE_STEP_SAMPLE) */
 } wire_info;
 
 typedef struct {
@@ -203,8 +207,9 @@ typedef struct {
 int wire_encode_hello(wire_buf *b, const wire_hello *h, ts_err *err);
 int wire_encode_hello_ack(wire_buf *b, const wire_hello_ack *a, ts_err *err);
 int wire_encode_peers(wire_buf *b, const wire_peers *p, ts_err *err);
+/* rows [batch->n_logits] is required with WIRE_STEP_SAMPLE in flags and ignored without. */
 int wire_encode_step(wire_buf *b, uint64_t step_id, uint32_t flags, const ts_batch *batch,
-                     ts_err *err);
+                     const ts_sample_row *rows, ts_err *err);
 int wire_encode_result(wire_buf *b, const wire_result *r, ts_err *err);
 int wire_encode_hidden(wire_buf *b, const wire_hidden *h, ts_err *err);
 int wire_encode_ping(wire_buf *b, int type, const wire_ping *p, ts_err *err); /* PING or PONG */

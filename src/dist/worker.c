@@ -78,6 +78,7 @@ typedef struct {
   float *hidden_in;    /* [max_tokens][d_model] */
   float *hidden_out;   /* [max_tokens][d_model] */
   float *logits;       /* [max_tokens][vocab] (last stage) */
+  int32_t *ids;        /* [max_tokens] ids sampled on the device (WIRE_STEP_SAMPLE) */
   /* Steps the driver sent while this stage waited for hidden states (pipelined steps), in order */
   wire_step queue[WORKER_MAX_QUEUE];
   int q_head, q_n;
@@ -114,6 +115,7 @@ static void worker_cleanup(worker *w) {
   free(w->hidden_in);
   free(w->hidden_out);
   free(w->logits);
+  free(w->ids);
 }
 
 /* Connects to the driver, proves membership, and tells it where this worker listens. */
@@ -231,6 +233,8 @@ static int send_info(worker *w, ts_err *err) {
   in.kv_bytes_per_token = 2 * (int64_t)m->w.n_layers * (m->cfg.n_kv_head / w->cfg->tp) *
                           m->cfg.head_dim * (int64_t)sizeof(float);
   for (int i = 0; i < in.n_eos; i++) in.eos_ids[i] = m->cfg.eos_ids[i];
+  /* A device sampler needs the whole model in one stage (model_forward_sample). */
+  in.can_sample = w->cfg->pp == 1 && w->be->ops->sample != NULL;
   /* After the weights, activations and NCCL's buffers: what is left of the GPU's share. */
   double util = w->cfg->gpu_memory_utilization > 0 ? w->cfg->gpu_memory_utilization
                                                    : DEVICE_MEM_UTILIZATION_DEFAULT;
@@ -314,6 +318,27 @@ static int recv_hidden(worker *w, const wire_step *st, ts_err *err) {
   return rc;
 }
 
+/* A step whose logits rows are sampled on this worker's device: only the ids go back. Every
+ * tensor-parallel rank samples the same rows alike (draws depend on the row's seed and counter
+ * alone); rank 0 answers. */
+static int do_step_sample(worker *w, wire_step *st, ts_err *err) {
+  const ts_batch *b = &st->batch;
+  if (w->cfg->pp != 1 || !w->be->ops->sample)
+    return ts_errorf(err, TS_EPROTO, "a sampled step reached a worker that cannot sample");
+  for (int i = 0; i < b->n_logits; i++)
+    for (int k = 0; k < st->rows[i].n_penalty; k++)
+      if (st->rows[i].penalty_ids[k] >= w->m->cfg.vocab_size)
+        return ts_errorf(err, TS_EPROTO, "sampling row %d names token %d outside the vocabulary",
+                         i, st->rows[i].penalty_ids[k]);
+  TS_TRY(model_forward_sample(w->m, &w->kv, b, st->rows, w->ids, err));
+  if (w->tp_rank != 0) return 0;
+  wire_result r = {.step_id = st->step_id, .kind = WIRE_RESULT_TOKENS, .n_rows = b->n_logits,
+                   .tokens = w->ids};
+  wire_buf_reset(&w->out);
+  TS_TRY(wire_encode_result(&w->out, &r, err));
+  return send_frame(w, w->drv_fd, err);
+}
+
 static int do_step(worker *w, wire_step *st, ts_err *err) {
   const ts_batch *b = &st->batch;
   model *m = w->m;
@@ -323,6 +348,7 @@ static int do_step(worker *w, wire_step *st, ts_err *err) {
     return ts_errorf(err, TS_EINVAL, "step of %d tokens exceeds max_tokens %d", b->n_tokens,
                      m->max_tokens);
   int first = w->prev_fd < 0, last = w->next_fd < 0;
+  if (st->flags & WIRE_STEP_SAMPLE) return do_step_sample(w, st, err);
   if (!first) TS_TRY(recv_hidden(w, st, err));
   TS_TRY(model_forward(m, &w->kv, b, first ? NULL : w->hidden_in, last ? NULL : w->hidden_out,
                        last ? w->logits : NULL, err));
@@ -428,7 +454,8 @@ int worker_run(const worker_config *c, ts_err *err) {
   w.hidden_in = malloc(T * d * sizeof(float));
   w.hidden_out = malloc(T * d * sizeof(float));
   w.logits = malloc(T * (size_t)cfg.vocab_size * sizeof(float));
-  if (!w.hidden_in || !w.hidden_out || !w.logits) {
+  w.ids = malloc(T * sizeof *w.ids);
+  if (!w.hidden_in || !w.hidden_out || !w.logits || !w.ids) {
     rc = ts_errorf(err, TS_ENOMEM, "out of memory for step buffers of %zu tokens", T);
     goto out;
   }

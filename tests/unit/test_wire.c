@@ -151,7 +151,48 @@ static void mangle(test_rng *r, int type, const uint8_t *payload, size_t n) {
   free(copy);
 }
 
+/* Sampling rows for n logits rows with random parameters in range and penalty lists. */
+typedef struct {
+  ts_sample_row rows[330];
+  int32_t ids[330][8], counts[330][8];
+} owned_rows;
+
+static float frand(test_rng *r) { return (float)rnd(r, 1u << 20) / (float)(1u << 20); }
+
+static void random_rows(test_rng *r, owned_rows *o, int n) {
+  for (int i = 0; i < n; i++) {
+    ts_sample_row *s = &o->rows[i];
+    *s = (ts_sample_row){.temperature = 2 * frand(r), .top_p = 1 - frand(r) * 0.99f,
+                         .min_p = frand(r), .top_k = (int)rnd(r, 100) - 1,
+                         .presence_penalty = frand(r) - 0.5f, .frequency_penalty = frand(r),
+                         .repetition_penalty = 0.5f + frand(r), .seed = test_rng_next(r),
+                         .counter = test_rng_next(r) >> 20, .n_penalty = (int)rnd(r, 9),
+                         .penalty_ids = o->ids[i], .penalty_counts = o->counts[i]};
+    for (int k = 0; k < s->n_penalty; k++) {
+      o->ids[i][k] = (int32_t)rnd(r, 150000);
+      o->counts[i][k] = (int32_t)rnd(r, 5);
+    }
+  }
+}
+
+static int same_rows(const ts_sample_row *a, const ts_sample_row *b, int n) {
+  for (int i = 0; i < n; i++) {
+    const ts_sample_row *x = &a[i], *y = &b[i];
+    if (x->temperature != y->temperature || x->top_p != y->top_p || x->min_p != y->min_p ||
+        x->top_k != y->top_k || x->presence_penalty != y->presence_penalty ||
+        x->frequency_penalty != y->frequency_penalty ||
+        x->repetition_penalty != y->repetition_penalty || x->seed != y->seed ||
+        x->counter != y->counter || x->n_penalty != y->n_penalty)
+      return 0;
+    for (int k = 0; k < x->n_penalty; k++)
+      if (x->penalty_ids[k] != y->penalty_ids[k] || x->penalty_counts[k] != y->penalty_counts[k])
+        return 0;
+  }
+  return 1;
+}
+
 static void test_steps(test_rng *r) {
+  static owned_rows orows;
   wire_buf w;
   wire_buf_init(&w);
   int distinct = 0;
@@ -163,15 +204,22 @@ static void test_steps(test_rng *r) {
     uint32_t flags = (uint32_t)rnd(r, 2);
     if (id != prev_id) distinct++;
     prev_id = id;
+    const ts_sample_row *rows = NULL;
+    if (flags & WIRE_STEP_SAMPLE) {
+      CHECK(ob.b.n_logits <= 330);
+      random_rows(r, &orows, ob.b.n_logits);
+      rows = orows.rows;
+    }
     wire_buf_reset(&w);
     ts_err err = {0};
-    CHECK_MSG(wire_encode_step(&w, id, flags, &ob.b, &err) == 0, "%s", err.msg);
+    CHECK_MSG(wire_encode_step(&w, id, flags, &ob.b, rows, &err) == 0, "%s", err.msg);
     wire_header h;
     const uint8_t *p;
     CHECK(split(&w, &h, &p) == 0 && h.type == WIRE_MSG_STEP);
     wire_step s;
     CHECK_MSG(wire_decode_step(p, h.length, &s, &err) == 0, "%s", err.msg);
     CHECK(s.step_id == id && s.flags == flags && same_batch(&s.batch, &ob.b));
+    CHECK(rows ? s.rows && same_rows(s.rows, rows, ob.b.n_logits) : !s.rows);
     wire_step_free(&s);
     if (it < 20) mangle(r, WIRE_MSG_STEP, p, h.length);
     free(ob.mem);
@@ -183,10 +231,23 @@ static void test_steps(test_rng *r) {
   while (ob.b.n_logits == 0 && (free(ob.mem), 1));
   ts_err err = {0};
   ((int32_t *)ob.b.logits_rows)[0] = ob.b.n_tokens;
-  CHECK(wire_encode_step(&w, 1, 0, &ob.b, &err) == TS_EPROTO);
+  CHECK(wire_encode_step(&w, 1, 0, &ob.b, NULL, &err) == TS_EPROTO);
   ((int32_t *)ob.b.logits_rows)[0] = 0;
+  /* Sampling rows out of range, or missing, are refused too. */
+  random_rows(r, &orows, ob.b.n_logits);
+  CHECK(wire_encode_step(&w, 1, WIRE_STEP_SAMPLE, &ob.b, orows.rows, &err) == 0);
+  CHECK(wire_encode_step(&w, 1, WIRE_STEP_SAMPLE, &ob.b, NULL, &err) == TS_EINVAL);
+  orows.rows[0].top_p = 0;
+  CHECK(wire_encode_step(&w, 1, WIRE_STEP_SAMPLE, &ob.b, orows.rows, &err) == TS_EPROTO);
+  orows.rows[0].top_p = 1;
+  orows.rows[0].temperature = NAN;
+  CHECK(wire_encode_step(&w, 1, WIRE_STEP_SAMPLE, &ob.b, orows.rows, &err) == TS_EPROTO);
+  orows.rows[0].temperature = 0;
+  orows.rows[0].n_penalty = 1;
+  orows.ids[0][0] = -1;
+  CHECK(wire_encode_step(&w, 1, WIRE_STEP_SAMPLE, &ob.b, orows.rows, &err) == TS_EPROTO);
   ((int32_t *)ob.b.seq_start)[ob.b.n_seqs] += 1;
-  CHECK(wire_encode_step(&w, 1, 0, &ob.b, &err) == TS_EPROTO);
+  CHECK(wire_encode_step(&w, 1, 0, &ob.b, NULL, &err) == TS_EPROTO);
   free(ob.mem);
   /* Counts whose byte size wraps around 2^64 onto the payload size: (2^31-1)^2 block-table
    * entries plus the rest come to 2^62 + 3 words, "12 bytes" modulo 2^64. */
@@ -353,6 +414,7 @@ static void test_control(test_rng *r) {
     info.bos_id = (int32_t)rnd(r, 1000) - 1;
     info.n_eos = (int32_t)rnd(r, WIRE_MAX_EOS + 1);
     for (int i = 0; i < info.n_eos; i++) info.eos_ids[i] = (int32_t)rnd(r, 200000);
+    info.can_sample = (int32_t)rnd(r, 2);
     wire_buf_reset(&w);
     CHECK(wire_encode_info(&w, &info, &err) == 0 && split(&w, &h, &p) == 0);
     CHECK(wire_decode_info(p, h.length, &ig, &err) == 0 && memcmp(&ig, &info, sizeof ig) == 0);
