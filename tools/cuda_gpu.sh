@@ -98,6 +98,10 @@ if want bench; then
     --host-logits 2>&1 | sed "s/^/graphs=1 /" | tee -a "$LOG/bench.txt"
   TESSERA_KV_DTYPE=f32 "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 128 \
     --batch 1 --json 2>&1 | sed "s/^/graphs=1 kv=f32 /" | tee -a "$LOG/bench.txt"
+  TESSERA_CUDA_PDL=0 "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 128 \
+    --batch 1 --json 2>&1 | sed "s/^/graphs=1 pdl=0 /" | tee -a "$LOG/bench.txt"
+  TESSERA_CUDA_FUSED=0 "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 128 \
+    --batch 1 --json 2>&1 | sed "s/^/graphs=1 fused=0 /" | tee -a "$LOG/bench.txt"
   for b in 8 32 64 128 256; do
     "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 32 --batch $b --json 2>&1 \
       | sed "s/^/graphs=1 /" | tee -a "$LOG/bench.txt"
@@ -109,6 +113,8 @@ if want bench; then
     | tee -a "$LOG/bench.txt"
   TESSERA_CUDA_STATS=1 "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 32 \
     --batch 256 2>&1 | grep -E "cuda stats|decode_tok_s" | sed "s/^/b=256 /" | tee -a "$LOG/bench.txt"
+  TESSERA_CUDA_STATS=2 "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 8 \
+    --batch 256 2>&1 | grep -E "cuda prof|decode_tok_s" | sed "s/^/b=256 /" | tee -a "$LOG/bench.txt"
   for st in 1 2; do # where a decode step's time goes: graph use, then per-op (eager) timings
     TESSERA_CUDA_STATS=$st "$T" bench "$Q" --device cuda --prompt-tokens 512 --gen-tokens 64 \
       --batch 1 2>&1 | grep -E "cuda (stats|prof)|decode_tok_s" | tee -a "$LOG/bench.txt"

@@ -82,6 +82,25 @@ typedef struct backend_ops {
                 int32_t *ids, ts_err *err);
   /* Optional (NULL: F32): the KV cache dtype for the weights prepared so far. */
   ts_dtype (*kv_dtype)(void *ctx);
+
+  /* Optional fused ops, fewer launches per layer (NULL on the CPU, where forward.c composes the
+   * ops above). forward.c uses them when all four exist and the tensor-parallel size is 1. */
+  /* y[i] = (rmsnorm(x) * norm_w) @ w[i]^T (+ bias[i]) for i < nw <= 3 (q, k, v share the input).
+   * x [n][k] unchanged; y[i] [n][rows of w[i]]; a bias may be NULL or hold no data. */
+  void (*norm_matmul)(void *ctx, const float *x, const ts_tensor *norm_w, float eps, int n,
+                      int nw, const ts_tensor *const *w, const ts_tensor *const *bias,
+                      float *const *y);
+  /* out = silu(xn @ wg^T) * (xn @ wu^T), xn = rmsnorm(x) * norm_w.   x [n][k]; out [n][ff] */
+  void (*norm_gate_up)(void *ctx, const float *x, const ts_tensor *norm_w, float eps, int n,
+                       const ts_tensor *wg, const ts_tensor *wu, float *out);
+  /* y += x @ w^T: the residual add in the product.   x [n][k]; w [m][k]; y [n][m] */
+  void (*matmul_add)(void *ctx, const float *x, const ts_tensor *w, int n, float *y);
+  /* Per-head RMSNorm of q and k (q_norm, k_norm NULL: none), RoPE at the staged positions, then
+   * k and v written to layer `layer` of the cache as kv_write does. q, k rotated in place.
+   * q [n_tokens][nh][hd]; k, v [n_tokens][n_kv_l][hd] */
+  void (*qk_rope_kv)(void *ctx, const kv_cache *kv, int layer, float *q, float *k,
+                     const float *v, int nh, const ts_tensor *q_norm, const ts_tensor *k_norm,
+                     float eps, const rope_params *rp);
 } backend_ops;
 
 typedef struct backend {

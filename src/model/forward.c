@@ -168,7 +168,23 @@ static int forward_step(model *m, kv_cache *kv, const ts_batch *b, const float *
                           c->rope_orig_max_pos};
   const float scale = 1.0f / sqrtf((float)hd);
   int have_delta = 0; /* s->delta holds a block output not yet added to s->h */
-  for (int l = 0; l < m->w.n_layers; l++) {
+  /* Fused ops (CUDA): norms in the products' prologues, residual adds in their epilogues (only
+   * without tensor parallelism, where a block's output needs its all-reduce before the add). */
+  const int fused = op->norm_matmul && op->norm_gate_up && op->matmul_add && op->qk_rope_kv &&
+                    tp == 1;
+  for (int l = 0; l < m->w.n_layers && fused; l++) {
+    const layer_weights *L = &m->w.layers[l];
+    const ts_tensor *wqkv[3] = {&L->wq, &L->wk, &L->wv}, *bqkv[3] = {&L->bq, &L->bk, &L->bv};
+    float *const yqkv[3] = {s->q, s->k, s->v};
+    op->norm_matmul(bc, s->h, &L->attn_norm, c->rms_eps, n, 3, wqkv, bqkv, yqkv);
+    op->qk_rope_kv(bc, kv, l, s->q, s->k, s->v, nh, c->qk_norm ? &L->q_norm : NULL,
+                   c->qk_norm ? &L->k_norm : NULL, c->rms_eps, &rp);
+    op->attention(bc, kv, l, s->q, nh, scale, s->att);
+    op->matmul_add(bc, s->att, &L->wo, n, s->h);
+    op->norm_gate_up(bc, s->h, &L->ffn_norm, c->rms_eps, n, &L->w_gate, &L->w_up, s->gate);
+    op->matmul_add(bc, s->gate, &L->w_down, n, s->h);
+  }
+  for (int l = 0; l < m->w.n_layers && !fused; l++) {
     const layer_weights *L = &m->w.layers[l];
     if (have_delta)
       op->add_rmsnorm(bc, s->h, s->delta, &L->attn_norm, c->rms_eps, n, d, s->xn);

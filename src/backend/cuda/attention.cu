@@ -185,6 +185,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_kernel(att_args a) {
 /* grid (n_tokens, n_head): merges the splits' partial softmaxes of one row. */
 __global__ void attention_combine_kernel(const float *ws_acc, const float *ws_ml, int n_splits,
                                          int n_rows, int hd, float *out) {
+  cuda_pdl_wait();
+  cuda_pdl_trigger();
   const size_t row = (size_t)blockIdx.x * gridDim.y + blockIdx.y;
   float m_max = -INFINITY;
   for (int sp = 0; sp < n_splits; sp++) {
@@ -208,50 +210,78 @@ __global__ void attention_combine_kernel(const float *ws_acc, const float *ws_ml
 }
 
 /* Decode steps (one query token per sequence): grid (sequence, KV head, split). The block's four
- * warps take every fourth key of the split; each lane holds NI dimensions of the key and value
- * rows (coalesced loads, no shared-memory staging) and of every query head of the GQA group,
- * and a warp reduction gives each score. Each warp keeps an online softmax per head; the warps
- * are merged through shared memory at the end. */
+ * warps take every fourth key of the split; each lane holds NI consecutive dimensions of the key
+ * and value rows (one vector load each: a 256-byte bf16 row is one coalesced read) and of every
+ * query head of the GQA group, and a warp reduction gives each score. Each warp keeps an online
+ * softmax per head; the warps are merged through shared memory at the end. G (a power of two at
+ * least the group) sizes the per-head registers: small enough that many blocks share a
+ * multiprocessor and enough loads are in flight to stream the cache. */
 #define DEC_MAXG 8
 #define DEC_MAXHD 128
 
+/* NI consecutive elements of a K/V row as float, in one load where the width allows. */
 template <int NI, typename KT>
+__device__ __forceinline__ void dec_load(const KT *p, float f[NI]) {
+  if constexpr (sizeof(KT) == 2 && NI == 4) {
+    uint2 u = __ldg((const uint2 *)p);
+    const KT *h = (const KT *)&u;
+#pragma unroll
+    for (int n = 0; n < 4; n++) f[n] = cuda_ld(h + n);
+  } else if constexpr (sizeof(KT) == 2 && NI == 2) {
+    unsigned u = __ldg((const unsigned *)p);
+    const KT *h = (const KT *)&u;
+    f[0] = cuda_ld(h);
+    f[1] = cuda_ld(h + 1);
+  } else if constexpr (sizeof(KT) == 4 && NI == 4) {
+    float4 u = __ldg((const float4 *)p);
+    f[0] = u.x, f[1] = u.y, f[2] = u.z, f[3] = u.w;
+  } else if constexpr (sizeof(KT) == 4 && NI == 2) {
+    float2 u = __ldg((const float2 *)p);
+    f[0] = u.x, f[1] = u.y;
+  } else {
+#pragma unroll
+    for (int n = 0; n < NI; n++) f[n] = cuda_ld(p + n);
+  }
+}
+
+template <int NI, int G, typename KT>
 __global__ void __launch_bounds__(ATT_THREADS) attention_decode_kernel(att_args a) {
-  __shared__ float sm_acc[ATT_WARPS][DEC_MAXG][DEC_MAXHD];
-  __shared__ float sm_m[ATT_WARPS][DEC_MAXG], sm_l[ATT_WARPS][DEC_MAXG];
+  __shared__ float sm_acc[ATT_WARPS][G][DEC_MAXHD];
+  __shared__ float sm_m[ATT_WARPS][G], sm_l[ATT_WARPS][G];
+  cuda_pdl_wait();
+  cuda_pdl_trigger();
   const int s = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int hd = a.hd, G = a.group;
+  const int hd = a.hd, group = a.group;
   const int t = a.seq_start[s];
   const int klim = min(a.pos[t] + 1, a.ctx_len[s]);
   const int k_begin = split * a.chunk, k_end = min(klim, k_begin + a.chunk);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const KT *kc = (const KT *)a.kc, *vc = (const KT *)a.vc;
   const int32_t *bt = a.block_table + (size_t)s * a.max_blocks;
+  const int d0 = lane * NI; /* this lane's dimensions: d0 .. d0 + NI - 1 (hd == 32 * NI) */
 
-  float q[DEC_MAXG][NI], acc[DEC_MAXG][NI], m[DEC_MAXG], l[DEC_MAXG];
+  float q[G][NI], acc[G][NI], m[G], l[G];
 #pragma unroll
-  for (int h = 0; h < DEC_MAXG; h++) {
+  for (int h = 0; h < G; h++) {
     m[h] = -INFINITY;
     l[h] = 0.0f;
 #pragma unroll
     for (int n = 0; n < NI; n++) {
       acc[h][n] = 0.0f;
-      q[h][n] = h < G ? a.q[((size_t)t * a.n_head + kvh * G + h) * hd + lane + 32 * n] : 0.0f;
+      q[h][n] = h < group ? a.q[((size_t)t * a.n_head + kvh * group + h) * hd + d0 + n] : 0.0f;
     }
   }
-#pragma unroll 2
+#pragma unroll 4
   for (int p = k_begin + warp; p < k_end; p += ATT_WARPS) {
     const size_t base =
-        (((size_t)bt[p / a.block_size] * a.block_size + p % a.block_size) * a.n_kv + kvh) * hd;
+        (((size_t)bt[p / a.block_size] * a.block_size + p % a.block_size) * a.n_kv + kvh) * hd +
+        d0;
     float kf[NI], vf[NI];
+    dec_load<NI, KT>(kc + base, kf);
+    dec_load<NI, KT>(vc + base, vf);
 #pragma unroll
-    for (int n = 0; n < NI; n++) {
-      kf[n] = cuda_ld(kc + base + lane + 32 * n);
-      vf[n] = cuda_ld(vc + base + lane + 32 * n);
-    }
-#pragma unroll
-    for (int h = 0; h < DEC_MAXG; h++) {
-      if (h >= G) break;
+    for (int h = 0; h < G; h++) {
+      if (h >= group) break;
       float d = 0.0f;
 #pragma unroll
       for (int n = 0; n < NI; n++) d += q[h][n] * kf[n];
@@ -265,17 +295,17 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_decode_kernel(att_args 
     }
   }
 #pragma unroll
-  for (int h = 0; h < DEC_MAXG; h++) {
-    if (h >= G) break;
+  for (int h = 0; h < G; h++) {
+    if (h >= group) break;
 #pragma unroll
-    for (int n = 0; n < NI; n++) sm_acc[warp][h][lane + 32 * n] = acc[h][n];
+    for (int n = 0; n < NI; n++) sm_acc[warp][h][d0 + n] = acc[h][n];
     if (lane == 0) {
       sm_m[warp][h] = m[h];
       sm_l[warp][h] = l[h];
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < G * hd; idx += ATT_THREADS) {
+  for (int idx = threadIdx.x; idx < group * hd; idx += ATT_THREADS) {
     const int h = idx / hd, d = idx % hd;
     float M = -INFINITY;
     for (int w = 0; w < ATT_WARPS; w++)
@@ -287,7 +317,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_decode_kernel(att_args 
         L += sm_l[w][h] * e;
         A += sm_acc[w][h][d] * e;
       }
-    const size_t row = (size_t)t * a.n_head + kvh * G + h;
+    const size_t row = (size_t)t * a.n_head + kvh * group + h;
     if (a.n_splits == 1) {
       a.out[row * hd + d] = L > 0.0f ? A / L : 0.0f;
     } else {
@@ -301,12 +331,22 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_decode_kernel(att_args 
   }
 }
 
+template <int NI, typename KT>
+static void attention_decode_launch_ni(cuda_ctx *c, dim3 grid, const att_args &a) {
+  const dim3 th(ATT_THREADS);
+  if (a.group <= 1) cuda_launch_pdl(c, attention_decode_kernel<NI, 1, KT>, grid, th, 0, a);
+  else if (a.group <= 2) cuda_launch_pdl(c, attention_decode_kernel<NI, 2, KT>, grid, th, 0, a);
+  else if (a.group <= 4) cuda_launch_pdl(c, attention_decode_kernel<NI, 4, KT>, grid, th, 0, a);
+  else cuda_launch_pdl(c, attention_decode_kernel<NI, DEC_MAXG, KT>, grid, th, 0, a);
+}
+
+/* head_dim is a multiple of 32 up to DEC_MAXHD (checked by the caller). */
 template <typename KT>
 static void attention_decode_launch(cuda_ctx *c, dim3 grid, const att_args &a) {
-  if (a.hd <= 32) attention_decode_kernel<1, KT><<<grid, ATT_THREADS, 0, c->stream>>>(a);
-  else if (a.hd <= 64) attention_decode_kernel<2, KT><<<grid, ATT_THREADS, 0, c->stream>>>(a);
-  else if (a.hd <= 96) attention_decode_kernel<3, KT><<<grid, ATT_THREADS, 0, c->stream>>>(a);
-  else attention_decode_kernel<4, KT><<<grid, ATT_THREADS, 0, c->stream>>>(a);
+  if (a.hd == 32) attention_decode_launch_ni<1, KT>(c, grid, a);
+  else if (a.hd == 64) attention_decode_launch_ni<2, KT>(c, grid, a);
+  else if (a.hd == 96) attention_decode_launch_ni<3, KT>(c, grid, a);
+  else attention_decode_launch_ni<4, KT>(c, grid, a);
   CUDA_CHECK_LAUNCH(c, "attention_decode_kernel");
 }
 
@@ -418,9 +458,9 @@ void cuda_op_attention(void *ctx, const kv_cache *kv, int layer, const float *q,
     CUDA_DISPATCH_FLOAT(c, kv->dtype, "attention KV cache", KT,
                         attention_dispatch_ni<KT>(c, grid, a));
   if (n_splits > 1 && !c->err_code) {
-    attention_combine_kernel<<<dim3((unsigned)c->n_tokens, (unsigned)n_head_l), 128, 0,
-                               c->stream>>>(a.ws_acc, a.ws_ml, n_splits, c->n_tokens * n_head_l,
-                                            hd, out);
+    cuda_launch_pdl(c, attention_combine_kernel, dim3((unsigned)c->n_tokens, (unsigned)n_head_l),
+                    dim3(128), 0, (const float *)a.ws_acc, (const float *)a.ws_ml, n_splits,
+                    c->n_tokens * n_head_l, hd, out);
     CUDA_CHECK_LAUNCH(c, "attention_combine_kernel");
   }
 }

@@ -12,6 +12,7 @@
 #include "backend_cuda.h"
 #include "cuda_common.cuh"
 #include "embed.cuh"
+#include "fused.cuh"
 #include "graph.cuh"
 #include "kv_write.cuh"
 #include "matmul.cuh"
@@ -366,6 +367,10 @@ static const backend_ops g_cuda_ops = {
     cuda_sync,
     cuda_op_sample,
     cuda_kv_dtype,
+    cuda_op_norm_matmul,
+    cuda_op_norm_gate_up,
+    cuda_op_matmul_add,
+    cuda_op_qk_rope_kv,
 };
 
 static void cuda_ctx_free(cuda_ctx *c) {
@@ -384,7 +389,9 @@ static void cuda_ctx_free(cuda_ctx *c) {
             c->wall_ms / c->n_steps);
   static const char *names[CUDA_OP_COUNT] = {"", "embed", "rmsnorm", "add_rmsnorm", "matmul",
                                              "rope", "kv_write", "attention", "silu_mul",
-                                             "gather_rows", "matmul lm_head", "sample"};
+                                             "gather_rows", "matmul lm_head", "sample",
+                                             "norm_matmul", "norm_gate_up", "matmul_add",
+                                             "qk_rope_kv"};
   for (int i = 1; i < CUDA_OP_COUNT && c->stats == 2; i++)
     if (c->prof_n[i])
       fprintf(stderr, "cuda prof: %-14s %8ld calls %10.3f ms total %8.4f ms each\n", names[i],
@@ -397,6 +404,7 @@ static void cuda_ctx_free(cuda_ctx *c) {
   cudaFree(c->attn_ws);
   cudaFree(c->rows_dev);
   cudaFree(c->samp_dev);
+  cudaFree(c->fuse_ws);
   if (c->samp_host) cudaFreeHost(c->samp_host);
   cudaFree(c->plan_dev);
   if (c->plan_host) cudaFreeHost(c->plan_host);
@@ -454,6 +462,8 @@ extern "C" int backend_cuda_create(backend **out, int device_index, ts_err *err)
   c->sm_count = prop.multiProcessorCount;
   const char *ge = getenv("TESSERA_CUDA_GRAPHS");
   c->graphs_enabled = !(ge && !strcmp(ge, "0"));
+  const char *pe = getenv("TESSERA_CUDA_PDL");
+  c->pdl = !(pe && !strcmp(pe, "0"));
   const char *st = getenv("TESSERA_CUDA_STATS");
   c->stats = st ? atoi(st) : 0;
   if (c->stats == 2) c->graphs_enabled = 0; /* per-op timing needs eager launches */
@@ -463,7 +473,19 @@ extern "C" int backend_cuda_create(backend **out, int device_index, ts_err *err)
   /* Record so that the first step_begin's wait on it returns at once. */
   cudaEventRecord(c->plan_copied, c->stream);
 
-  b->ops = &g_cuda_ops;
+  /* TESSERA_CUDA_FUSED=0: the plain ops only (forward.c composes them), for comparison. */
+  static backend_ops plain_ops;
+  const char *fe = getenv("TESSERA_CUDA_FUSED");
+  if (fe && !strcmp(fe, "0")) {
+    plain_ops = g_cuda_ops;
+    plain_ops.norm_matmul = NULL;
+    plain_ops.norm_gate_up = NULL;
+    plain_ops.matmul_add = NULL;
+    plain_ops.qk_rope_kv = NULL;
+    b->ops = &plain_ops;
+  } else {
+    b->ops = &g_cuda_ops;
+  }
   b->ctx = c;
   b->destroy = cuda_backend_destroy;
   *out = b;

@@ -44,6 +44,7 @@ typedef struct cuda_ctx {
   int device;
   int sm_count;
   int weights_16bit; /* a BF16/F16 matrix was prepared: the KV cache is BF16 */
+  int pdl;           /* launch decode kernels with programmatic dependent launch */
   cudaStream_t stream;
   cublasHandle_t cublas;
   void *cublas_ws; /* fixed cuBLAS workspace, so a later graph capture allocates nothing */
@@ -78,6 +79,8 @@ typedef struct cuda_ctx {
   size_t attn_ws_cap;
   int32_t *rows_dev; /* gather_rows indices that arrived in host memory */
   size_t rows_cap;
+  void *fuse_ws;     /* fused ops' fallback: normed input (and up) of a step too big to fuse */
+  size_t fuse_ws_cap;
   void *samp_host;   /* pinned: sampling rows and penalty lists in, token ids out */
   size_t samp_host_cap;
   void *samp_dev;
@@ -149,6 +152,31 @@ __device__ __forceinline__ void cuda_st(__half *p, float v) { *p = __float2half_
                   (what), ts_dtype_table[(dt)].name);                               \
     }                                                                               \
   } while (0)
+
+/* Programmatic dependent launch (TESSERA_CUDA_PDL=0 turns it off): a kernel launched with
+ * cuda_launch_pdl may start while its predecessor in the stream is still running, so its launch
+ * and its independent prologue (a product's weight prefetch) overlap the predecessor's tail. It
+ * must call cuda_pdl_wait before touching anything an earlier kernel writes; kernels call
+ * cuda_pdl_trigger to let their successor launch early. Both are no-ops without the attribute,
+ * and every kernel launched this way waits, so completion stays transitive along the stream. */
+__device__ __forceinline__ void cuda_pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void cuda_pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;"); }
+
+template <typename... Exp, typename... Act>
+static inline cudaError_t cuda_launch_pdl(cuda_ctx *c, void (*kernel)(Exp...), dim3 grid,
+                                          dim3 block, size_t smem, Act &&...args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = c->stream;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = c->pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Act &&>(args)...);
+}
 
 static inline unsigned cuda_blocks(int64_t n, int threads) {
   return (unsigned)((n + threads - 1) / threads);

@@ -6,6 +6,7 @@
 template <typename T>
 __global__ void embed_kernel(const T *table, int64_t stride, int vocab, const int32_t *ids, int d,
                              float *out) {
+  cuda_pdl_trigger(); /* launched plainly (after the plan's copy); its successor may start */
   int i = blockIdx.x;
   int id = ids[i];
   float *o = out + (size_t)i * d;
@@ -34,6 +35,8 @@ void cuda_op_embed(void *ctx, const ts_tensor *table, int n, int d, float *out) 
 }
 
 __global__ void gather_rows_kernel(const float *x, const int32_t *rows, int d, float *out) {
+  cuda_pdl_wait();
+  cuda_pdl_trigger();
   int i = blockIdx.x;
   const float *src = x + (size_t)rows[i] * d;
   float *o = out + (size_t)i * d;
@@ -63,6 +66,6 @@ void cuda_op_gather_rows(void *ctx, const float *x, const int32_t *rows, int n, 
       drows = c->rows_dev;
     }
   }
-  gather_rows_kernel<<<n, 256, 0, c->stream>>>(x, drows, d, out);
+  cuda_launch_pdl(c, gather_rows_kernel, dim3(n), dim3(256), 0, x, drows, d, out);
   CUDA_CHECK_LAUNCH(c, "gather_rows_kernel");
 }

@@ -18,10 +18,16 @@ enum {
   CUDA_OP_GATHER_ROWS,
   CUDA_OP_MATMUL_HEAD, /* a matmul of more than 65,536 output columns (the lm_head) */
   CUDA_OP_SAMPLE,      /* eager: after the step's graph */
+  CUDA_OP_NORM_MATMUL,
+  CUDA_OP_NORM_GATE_UP,
+  CUDA_OP_MATMUL_ADD,
+  CUDA_OP_QK_ROPE_KV,
   CUDA_OP_COUNT
 };
+static_assert(CUDA_OP_COUNT <= 16, "cuda_ctx's per-op profile arrays hold 16 tags");
 
-/* TESSERA_CUDA_STATS=2: charges the time since the previous op to that op (tag 0: none). */
+/* TESSERA_CUDA_STATS=2: charges the time since the previous op to that op (tag 0: none), in
+ * decode steps. */
 void cuda_prof_mark(cuda_ctx *c, int tag);
 
 /* step_begin: marks a step graph-eligible (or not) once its plan is staged. */

@@ -8,4 +8,8 @@
 void cuda_op_matmul(void *ctx, const float *x, const ts_tensor *w, const ts_tensor *bias, int n,
                     float *y);
 
+/* y += x @ w^T (backend op matmul_add): the skinny kernel's add epilogue for decode-sized
+ * products, else cuBLAS with beta = 1. */
+void cuda_op_matmul_add(void *ctx, const float *x, const ts_tensor *w, int n, float *y);
+
 #endif

@@ -9,6 +9,8 @@ template <typename W>
 __global__ void rmsnorm_kernel(float *residual, const float *x, const W *w, float eps, int dim,
                                float *out) {
   __shared__ float partial[NORM_THREADS / 32];
+  cuda_pdl_wait();
+  cuda_pdl_trigger();
   size_t base = (size_t)blockIdx.x * dim;
   const float *xr = x + base;
   float *rr = residual ? residual + base : NULL;
@@ -40,8 +42,8 @@ static void norm_launch(cuda_ctx *c, float *residual, const float *x, const ts_t
                         float eps, int rows, int dim, float *out) {
   if (rows <= 0 || dim <= 0) return;
   CUDA_DISPATCH_FLOAT(c, w->dtype, "rmsnorm", W,
-                      rmsnorm_kernel<W><<<rows, NORM_THREADS, 0, c->stream>>>(
-                          residual, x, (const W *)w->data, eps, dim, out);
+                      cuda_launch_pdl(c, rmsnorm_kernel<W>, dim3(rows), dim3(NORM_THREADS), 0,
+                                      residual, x, (const W *)w->data, eps, dim, out);
                       CUDA_CHECK_LAUNCH(c, "rmsnorm_kernel"));
 }
 

@@ -1,8 +1,8 @@
 /* Every CUDA backend op against a float64 reference on random inputs (llama.cpp's
  * test-backend-ops idea): embedding, RMSNorm (+ fused add), matmul in F32/BF16/F16 with bias and
  * strided shards, RoPE (both pairings, llama3 scaling), SiLU*mul, gather_rows, KV writes and paged
- * attention (prefill, mixed, GQA, long split decode) over F32/BF16/F16 caches, and device
- * sampling (greedy against the host sampler, stochastic by a chi-square test). Outputs are
+ * attention (prefill, mixed, GQA, long split decode) over F32/BF16/F16 caches, the fused decode
+ * ops against the plain ops they replace, and device sampling (greedy against the host sampler, stochastic by a chi-square test). Outputs are
  * poisoned with NaN before each op, so an unwritten element fails. Without a GPU it prints
  * "skipped: no CUDA device" and passes. */
 #include <math.h>
@@ -636,6 +636,205 @@ static void test_step_errors(void) {
   plan_free(&p);
 }
 
+/* ---- fused decode ops, against the plain ops they replace ---- */
+
+static double *to_double(const float *v, size_t n) {
+  double *d = malloc(n * sizeof *d);
+  for (size_t i = 0; i < n; i++) d[i] = v[i];
+  return d;
+}
+
+/* norm_matmul (q, k, v with biases), norm_gate_up and matmul_add on the skinny kernel's shapes
+ * (n <= 8, 16-bit weights; k long enough to split rows over warps) and on the fallback's. */
+static void test_fused_products(void) {
+  const int ns[4] = {1, 3, 8, 13};
+  const int D = 1024, FF = 512, mq = 96, mk = 32;
+  for (int di = 0; di < 3; di++)
+    for (int ni = 0; ni < 4; ni++) {
+      ts_dtype dt = k_dtypes[di];
+      int n = ns[ni];
+      char what[96];
+      float *vals;
+      ts_tensor nw = make_weight(ni % 2 ? TS_F32 : (dt == TS_F32 ? TS_BF16 : dt), 0, D, D, 1.5f,
+                                 &vals);
+      free(vals);
+      ts_tensor w[3], b[3], wg, wu, wd;
+      int ms[3] = {mq, mk, mk};
+      for (int i = 0; i < 3; i++) {
+        w[i] = make_weight(dt, ms[i], D, D, 0.05f, &vals);
+        free(vals);
+        b[i] = make_weight(dt, 0, ms[i], ms[i], 0.5f, &vals);
+        free(vals);
+      }
+      wg = make_weight(dt, FF, D, D, 0.05f, &vals);
+      free(vals);
+      wu = make_weight(dt, FF, D, D, 0.05f, &vals);
+      free(vals);
+      wd = make_weight(dt, D, FF, FF, 0.05f, &vals);
+      free(vals);
+      float *x = rand_floats((size_t)n * D, 2.0f), *x2 = rand_floats((size_t)n * FF, 1.0f);
+      float *y0 = rand_floats((size_t)n * D, 1.0f);
+      float *dx = dev_floats(x, (size_t)n * D), *dx2 = dev_floats(x2, (size_t)n * FF);
+      float *xn = dev_poisoned((size_t)n * D);
+      float *p1[3], *p2[3];
+      for (int i = 0; i < 3; i++) {
+        p1[i] = dev_poisoned((size_t)n * ms[i]);
+        p2[i] = dev_poisoned((size_t)n * ms[i]);
+      }
+      /* plain: rmsnorm, then each product with its bias */
+      g_ops->rmsnorm(g_be->ctx, dx, &nw, 1e-6f, n, D, xn);
+      for (int i = 0; i < 3; i++) g_ops->matmul(g_be->ctx, xn, &w[i], &b[i], n, p1[i]);
+      const ts_tensor *wp[3] = {&w[0], &w[1], &w[2]}, *bp[3] = {&b[0], &b[1], &b[2]};
+      g_ops->norm_matmul(g_be->ctx, dx, &nw, 1e-6f, n, 3, wp, bp, p2);
+      for (int i = 0; i < 3; i++) {
+        float *a = download(p1[i], (size_t)n * ms[i]), *f = download(p2[i], (size_t)n * ms[i]);
+        double *ad = to_double(a, (size_t)n * ms[i]);
+        snprintf(what, sizeof what, "norm_matmul %s n=%d weight %d", ts_dtype_table[dt].name, n,
+                 i);
+        CHECK_CLOSE(what, f, ad, (size_t)n * ms[i], 2e-5);
+        free(a);
+        free(f);
+        free(ad);
+      }
+      /* gate/up + silu */
+      float *g1 = dev_poisoned((size_t)n * FF), *u1 = dev_poisoned((size_t)n * FF);
+      float *o2 = dev_poisoned((size_t)n * FF);
+      g_ops->matmul(g_be->ctx, xn, &wg, NULL, n, g1);
+      g_ops->matmul(g_be->ctx, xn, &wu, NULL, n, u1);
+      g_ops->silu_mul(g_be->ctx, g1, u1, n, FF, g1);
+      g_ops->norm_gate_up(g_be->ctx, dx, &nw, 1e-6f, n, &wg, &wu, o2);
+      {
+        float *a = download(g1, (size_t)n * FF), *f = download(o2, (size_t)n * FF);
+        double *ad = to_double(a, (size_t)n * FF);
+        snprintf(what, sizeof what, "norm_gate_up %s n=%d", ts_dtype_table[dt].name, n);
+        CHECK_CLOSE(what, f, ad, (size_t)n * FF, 2e-5);
+        free(a);
+        free(f);
+        free(ad);
+      }
+      /* residual add: y0 + x2 @ wd^T */
+      float *t = dev_poisoned((size_t)n * D), *dy = dev_floats(y0, (size_t)n * D);
+      g_ops->matmul(g_be->ctx, dx2, &wd, NULL, n, t);
+      g_ops->matmul_add(g_be->ctx, dx2, &wd, n, dy);
+      {
+        float *a = download(t, (size_t)n * D), *f = download(dy, (size_t)n * D);
+        double *ad = malloc((size_t)n * D * sizeof *ad);
+        for (size_t i = 0; i < (size_t)n * D; i++) ad[i] = (double)y0[i] + a[i];
+        snprintf(what, sizeof what, "matmul_add %s n=%d", ts_dtype_table[dt].name, n);
+        CHECK_CLOSE(what, f, ad, (size_t)n * D, 2e-6);
+        free(a);
+        free(f);
+        free(ad);
+      }
+      check_sync("fused products");
+      float *bufs[] = {dx, dx2, xn, p1[0], p1[1], p1[2], p2[0], p2[1], p2[2], g1, u1, o2, t, dy};
+      for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) g_ops->free(g_be->ctx, bufs[i]);
+      ts_tensor *ts[] = {&nw, &w[0], &w[1], &w[2], &b[0], &b[1], &b[2], &wg, &wu, &wd};
+      for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++) g_ops->weight_release(g_be->ctx, ts[i]);
+      free(x);
+      free(x2);
+      free(y0);
+    }
+}
+
+/* qk_rope_kv against rmsnorm + rope + kv_write: q and k, and every cache row written. */
+static void test_qk_rope_kv(void) {
+  const int hds[3] = {8, 64, 128};
+  const ts_dtype cdt[2] = {TS_F32, TS_BF16};
+  for (int hi = 0; hi < 3; hi++)
+    for (int ci = 0; ci < 2; ci++)
+      for (int normed = 0; normed < 2; normed++) {
+        const int hd = hds[hi], nh = 4, nkv = 2, bs = 16, n_blocks = 12;
+        int new_toks[3] = {1, 4, 1}, ctx[3] = {40, 20, 7};
+        plan p;
+        plan_make(&p, 3, new_toks, ctx, bs, n_blocks, 100);
+        const int n = p.b.n_tokens;
+        kv_cache kv[2];
+        void *kp[2][1], *vp[2][1];
+        size_t es = cdt[ci] == TS_F32 ? 4 : 2, row = (size_t)nkv * hd;
+        size_t cache_bytes = (size_t)n_blocks * bs * row * es;
+        void *zero = calloc(1, cache_bytes);
+        for (int j = 0; j < 2; j++) {
+          memset(&kv[j], 0, sizeof kv[j]);
+          kv[j].n_layers = 1;
+          kv[j].n_blocks = n_blocks;
+          kv[j].block_size = bs;
+          kv[j].n_kv_l = nkv;
+          kv[j].head_dim = hd;
+          kv[j].dtype = cdt[ci];
+          kp[j][0] = g_ops->alloc(g_be->ctx, cache_bytes);
+          vp[j][0] = g_ops->alloc(g_be->ctx, cache_bytes);
+          g_ops->upload(g_be->ctx, kp[j][0], zero, cache_bytes);
+          g_ops->upload(g_be->ctx, vp[j][0], zero, cache_bytes);
+          kv[j].k = kp[j];
+          kv[j].v = vp[j];
+        }
+        if (step_begin(&p.b, &kv[0])) return;
+        rope_params rp = {.theta = 10000.0f, .interleaved = hi == 0, .scaling = ROPE_SCALING_NONE};
+        float *vals;
+        ts_tensor qn = make_weight(TS_BF16, 0, hd, hd, 1.5f, &vals);
+        free(vals);
+        ts_tensor kn = make_weight(TS_BF16, 0, hd, hd, 1.5f, &vals);
+        free(vals);
+        float *q = rand_floats((size_t)n * nh * hd, 2.0f), *k = rand_floats((size_t)n * row, 2.0f);
+        float *v = rand_floats((size_t)n * row, 1.0f);
+        float *q1 = dev_floats(q, (size_t)n * nh * hd), *k1 = dev_floats(k, (size_t)n * row);
+        float *q2 = dev_floats(q, (size_t)n * nh * hd), *k2 = dev_floats(k, (size_t)n * row);
+        float *dv = dev_floats(v, (size_t)n * row);
+        if (normed) {
+          g_ops->rmsnorm(g_be->ctx, q1, &qn, 1e-6f, n * nh, hd, q1);
+          g_ops->rmsnorm(g_be->ctx, k1, &kn, 1e-6f, n * nkv, hd, k1);
+        }
+        g_ops->rope(g_be->ctx, q1, nh, hd, &rp);
+        g_ops->rope(g_be->ctx, k1, nkv, hd, &rp);
+        g_ops->kv_write(g_be->ctx, &kv[0], 0, k1, dv);
+        g_ops->qk_rope_kv(g_be->ctx, &kv[1], 0, q2, k2, dv, nh, normed ? &qn : NULL,
+                          normed ? &kn : NULL, 1e-6f, &rp);
+        char what[96];
+        snprintf(what, sizeof what, "qk_rope_kv hd=%d cache %s norm=%d", hd,
+                 ts_dtype_table[cdt[ci]].name, normed);
+        float *a = download(q1, (size_t)n * nh * hd), *f = download(q2, (size_t)n * nh * hd);
+        double *ad = to_double(a, (size_t)n * nh * hd);
+        CHECK_CLOSE(what, f, ad, (size_t)n * nh * hd, 1e-5);
+        free(a);
+        free(f);
+        free(ad);
+        /* the caches, decoded to float (F32 as is; BF16 rows may differ by one rounding) */
+        size_t cn = (size_t)n_blocks * bs * row;
+        for (int kvi = 0; kvi < 2; kvi++) {
+          void *h1 = malloc(cache_bytes), *h2 = malloc(cache_bytes);
+          g_ops->download(g_be->ctx, h1, kvi ? vp[0][0] : kp[0][0], cache_bytes);
+          g_ops->download(g_be->ctx, h2, kvi ? vp[1][0] : kp[1][0], cache_bytes);
+          float *f1 = malloc(cn * sizeof *f1), *f2 = malloc(cn * sizeof *f2);
+          for (size_t i = 0; i < cn; i++) {
+            f1[i] = es == 4 ? ((float *)h1)[i] : ts_bf16_to_f32(((uint16_t *)h1)[i]);
+            f2[i] = es == 4 ? ((float *)h2)[i] : ts_bf16_to_f32(((uint16_t *)h2)[i]);
+          }
+          double *d1 = to_double(f1, cn);
+          CHECK_CLOSE(what, f2, d1, cn, es == 4 ? 1e-5 : 8e-3);
+          free(h1);
+          free(h2);
+          free(f1);
+          free(f2);
+          free(d1);
+        }
+        check_sync(what);
+        float *bufs[] = {q1, k1, q2, k2, dv};
+        for (size_t i = 0; i < 5; i++) g_ops->free(g_be->ctx, bufs[i]);
+        for (int j = 0; j < 2; j++) {
+          g_ops->free(g_be->ctx, kp[j][0]);
+          g_ops->free(g_be->ctx, vp[j][0]);
+        }
+        g_ops->weight_release(g_be->ctx, &qn);
+        g_ops->weight_release(g_be->ctx, &kn);
+        free(q);
+        free(k);
+        free(v);
+        free(zero);
+        plan_free(&p);
+      }
+}
+
 /* ---- sampling ---- */
 
 /* Greedy rows against the host sampler (engine/sampling.c) on the same logits and penalty state:
@@ -921,6 +1120,8 @@ int main(void) {
   test_silu_mul();
   test_attention();
   test_step_errors();
+  test_fused_products();
+  test_qk_rope_kv();
   test_sample_greedy();
   test_sample_dist();
   test_sample_large();
