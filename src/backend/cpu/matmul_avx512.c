@@ -209,6 +209,10 @@ static void avx512_rows(void *arg, int64_t r0, int64_t r1, int thread) {
 #define WIDEN_MIN_TOKENS 8
 #define WIDEN_BLOCK_BYTES (512u << 10) /* float32 rows widened at a time (kept in L2) */
 
+/* Widened rows are WIDEN_LD(k) floats apart: not a multiple of 4 KiB, so the four rows of a tile
+ * do not all fall into the same L1 sets. */
+#define WIDEN_LD(k) ((k) + 16)
+
 static int64_t widen_rows(int64_t k) {
   int64_t rs = (int64_t)(WIDEN_BLOCK_BYTES / ((size_t)k * sizeof(float)));
   return rs < TILE_R ? TILE_R : rs - rs % TILE_R;
@@ -232,7 +236,7 @@ int cpu_matmul_avx512(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_t
   }
   /* Without scratch for the widened rows, the in-place tiles give the same result. */
   a.widen = w->dtype != TS_F32 && !a.bf16_x && n >= WIDEN_MIN_TOKENS &&
-            cpu_scratch_reserve(c, (size_t)widen_rows(a.k) * (size_t)a.k) == 0;
+            cpu_scratch_reserve(c, (size_t)(widen_rows(a.k) + TILE_T) * (size_t)WIDEN_LD(a.k)) == 0;
   /* 4-row tiles; at least 64 rows a thread so small matrices stay on one core. */
   threadpool_parallel_for(c->pool, a.m, 64, avx512_rows, &a);
   return 1;
@@ -259,24 +263,33 @@ void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1, int th
   int64_t rs = (int64_t)((512u << 10) / ts_dtype_bytes(W->dtype, k));
   rs = rs < TILE_R ? TILE_R : rs - rs % TILE_R;
   if (widen) rs = widen_rows(k);
-  float *wf = widen ? cpu_scratch(a->c, thread) : NULL; /* [rs][k] widened rows */
+  /* [rs][WIDEN_LD(k)] widened rows, then [TILE_T][WIDEN_LD(k)] the token tile */
+  float *wf = widen ? cpu_scratch(a->c, thread) : NULL;
   for (int64_t s0 = r0; s0 < r1; s0 += rs) {
     int64_t s1 = s0 + rs < r1 ? s0 + rs : r1;
     if (widen)
       for (int64_t r = s0; r < s1; r++) {
         if (W->dtype == TS_BF16)
-          widen_bf16(cpu_weight_row(W, r), k, wf + (r - s0) * k);
+          widen_bf16(cpu_weight_row(W, r), k, wf + (r - s0) * WIDEN_LD(k));
         else
-          cpu_row_to_f32(a->c, W->dtype, cpu_weight_row(W, r), k, wf + (r - s0) * k);
+          cpu_row_to_f32(a->c, W->dtype, cpu_weight_row(W, r), k, wf + (r - s0) * WIDEN_LD(k));
       }
     for (int64_t t = 0; t < n; t += TILE_T) {
       int T = (int)(n - t < TILE_T ? n - t : TILE_T);
+      /* The token tile, copied WIDEN_LD apart for the same reason as the rows. */
+      const float *xt_w = NULL;
+      if (widen) {
+        float *xp = wf + rs * WIDEN_LD(k);
+        for (int q = 0; q < T; q++)
+          memcpy(xp + q * WIDEN_LD(k), a->x + (t + q) * k, (size_t)k * sizeof(float));
+        xt_w = xp;
+      }
       for (int64_t rb = s0; rb < s1; rb += TILE_R) {
         int nr = (int)(s1 - rb < TILE_R ? s1 - rb : TILE_R);
         const void *wr[TILE_R];
         for (int r = 0; r < TILE_R; r++) {
           int64_t row = rb + (r < nr ? r : 0);
-          wr[r] = widen ? (const void *)(wf + (row - s0) * k) : cpu_weight_row(W, row);
+          wr[r] = widen ? (const void *)(wf + (row - s0) * WIDEN_LD(k)) : cpu_weight_row(W, row);
         }
         float bias[TILE_R] = {0};
         if (a->bias && ts_tensor_present(a->bias))
@@ -286,7 +299,10 @@ void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1, int th
         float out[TILE_T][TILE_R];
         const void *xt = a->bf16_x ? (const void *)((const uint16_t *)a->c->act + t * k)
                                    : (const void *)(a->x + t * k);
-        (widen ? tile_f32 : fn)(T, wr, xt, k, k, out);
+        if (widen)
+          tile_f32(T, wr, xt_w, WIDEN_LD(k), k, out);
+        else
+          fn(T, wr, xt, k, k, out);
         for (int q = 0; q < T; q++) {
           float *yq = a->y + (t + q) * m + rb;
           for (int r = 0; r < nr; r++) yq[r] = out[q][r] + bias[r];
