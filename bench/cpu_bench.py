@@ -10,10 +10,11 @@ written once as GGUF into --models-dir. For each model and weight type the two e
 alternately in one run (tessera, llama.cpp, tessera, ...), on the same thread count:
 prefill of --prompt tokens, decode of --gen tokens at batch 1, and tessera's decode at batch
 --batch (total tokens/s; llama-batched-bench is used for llama.cpp when the build has it).
-For BF16 weights on CPUs with AVX512-BF16, tessera also runs with --bf16-act (activations
-rounded to BF16, llama.cpp's arithmetic); its default keeps float32 activations.
-Prints each figure, the ratio tessera / llama.cpp, the machine's memory read bandwidth (from
-`tessera bench --membw`) and the decode roofline: bytes of weights read per token / bandwidth.
+With --bf16-act, BF16 weights on CPUs with AVX512-BF16 also run tessera's --bf16-act mode
+(activations rounded to BF16, llama.cpp's arithmetic); its default keeps float32 activations.
+Prints each figure, the ratio tessera / llama.cpp, the memory read bandwidth (from `tessera bench
+--membw`, measured again for every model and type, between its rounds) and the decode roofline:
+bytes of weights read per token / that bandwidth.
 The machine may be shared: only same-run ratios mean anything; the load average is printed.
 """
 import argparse
@@ -132,12 +133,17 @@ def main():
                     help="prompt tokens per sequence before the batched decode")
     ap.add_argument("--batch-gen", type=int, default=32)
     ap.add_argument("--reps", type=int, default=2, help="alternating rounds (median reported)")
+    ap.add_argument("--bf16-act", action="store_true",
+                    help="also run tessera --bf16-act for BF16 weights (AVX512-BF16 CPUs)")
     a = ap.parse_args()
     os.makedirs(a.models_dir, exist_ok=True)
 
-    bw = json.loads(subprocess.run([a.tessera, "bench", "--membw", "--threads", str(a.threads),
-                                    "--json"], check=True, capture_output=True,
-                                   text=True).stdout.splitlines()[-1])["read_gb_s"]
+    def membw():
+        out = subprocess.run([a.tessera, "bench", "--membw", "--threads", str(a.threads),
+                              "--json"], check=True, capture_output=True, text=True).stdout
+        return json.loads(out.splitlines()[-1])["read_gb_s"]
+
+    bw = membw()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                 if l.startswith("model name")), "?")
     print(f"# cpu: {cpu}; threads {a.threads}; load average {os.getloadavg()[0]:.2f}")
@@ -149,13 +155,14 @@ def main():
         for qtype in a.types.split(","):
             path = ensure_model(a.models_dir, preset, qtype)
             wbytes = gguf_weight_bytes(path)
-            roof = bw * 1e9 / wbytes
             ts_p, ts_d, ll_p, ll_d, ts_b = [], [], [], [], []
             # tessera with llama.cpp's arithmetic for BF16 weights (activations rounded to BF16)
-            fast = qtype == "bf16" and bf16_act_supported(a.tessera)
+            fast = a.bf16_act and qtype == "bf16" and bf16_act_supported(a.tessera)
             fa_p, fa_d, fa_b = [], [], []
             llama_err = None
+            bws, loads = [], [os.getloadavg()[0]]
             for _ in range(a.reps):  # alternate the engines so load changes hit both
+                bws.append(membw())
                 t = tessera_run(a.tessera, path, a.threads, a.prompt, a.gen, 1)
                 ts_p.append(t["prefill_tok_s"])
                 ts_d.append(t["decode_tok_s"])
@@ -177,11 +184,16 @@ def main():
             med = lambda v: statistics.median(v) if v and None not in v else None
             llb = llama_batched(a.llama_bin_dir, path, a.threads, a.batch_prompt, a.batch_gen,
                                 a.batch)
+            bws.append(membw())
+            loads.append(os.getloadavg()[0])
+            bw = statistics.median(bws)
+            roof = bw * 1e9 / wbytes
             r = dict(model=preset, type=qtype, weight_bytes=wbytes, roofline_tok_s=roof,
                      tessera_prefill=med(ts_p), tessera_decode=med(ts_d),
                      llama_prefill=med(ll_p), llama_decode=med(ll_d),
                      tessera_batch_decode=med(ts_b), llama_batch_decode=llb,
-                     llama_error=llama_err, load=os.getloadavg()[0])
+                     llama_error=llama_err, load=os.getloadavg()[0], read_gb_s=bws,
+                     load_range=[min(loads), max(loads)])
             if fast:
                 r.update(tessera_bf16act_prefill=med(fa_p), tessera_bf16act_decode=med(fa_d),
                          tessera_bf16act_batch_decode=med(fa_b))
@@ -199,7 +211,10 @@ def main():
             b1 = r["tessera_decode"]
             print(f"{preset:14} {qtype:5} {'decode roofline':22} {fmt(roof)}   "
                   f"(tessera b1 at {100 * b1 / roof:.0f}%; {wbytes / 1e6:.0f} MB of weights; "
-                  f"batch {a.batch} = {r['tessera_batch_decode'] / b1:.1f}x b1)"
+                  f"read bandwidth {bw:.1f} GB/s, median of "
+                  f"{' '.join(f'{x:.1f}' for x in bws)}; "
+                  f"batch {a.batch} = {r['tessera_batch_decode'] / b1:.1f}x b1; "
+                  f"load {min(loads):.1f}-{max(loads):.1f})"
                   + (f"; llama.cpp: {llama_err}" if llama_err else ""), flush=True)
     print("# json " + json.dumps(dict(cpu=cpu, threads=a.threads, read_gb_s=bw, results=results)))
 
