@@ -553,6 +553,9 @@ static void *monitor_main(void *arg) {
     snprintf(why, sizeof why, "%s", im->why);
     pthread_mutex_unlock(&im->reason_mu);
     teardown(im);
+    /* Steps still outstanding died with the workers: collect_step fails them at once instead of
+     * waiting on relaunched workers for results that never come. */
+    im->n_inflight = 0;
     if (im->cfg.restart_workers) {
       int ok = 0;
       for (int attempt = 1; attempt <= MP_RESTART_ATTEMPTS && !ok && !im->stop; attempt++) {

@@ -1,6 +1,9 @@
 /* The engine loop: one thread owns every request, the scheduler and the block manager. Each
  * iteration drains the inbox (submits and cancels from other threads), plans a step, runs it on
  * the executor, samples, applies the stop rules and emits one event per choice that advanced.
+ * With a pipelined executor (P stages) up to P micro-batches of disjoint sequences stay in flight
+ * across steps: each iteration tops the pipeline up, then collects the oldest micro-batch and
+ * samples it, so its sequences go back in with the next top-up while the others are computed.
  * Other threads only touch the inbox and the stats snapshot (under mu) and the cancel list (under
  * cb_mu, which is also held around callbacks: engine_submit and engine_get_stats never wait for a
  * callback, and engine_cancel returns only once no callback of that request can run). */
@@ -20,7 +23,7 @@
 #include "util/log.h"
 
 #define ENGINE_MAX_EOS 16
-#define ENGINE_MAX_MICRO 64 /* micro-batches of one step on a pipelined executor */
+#define ENGINE_MAX_PIPE 64 /* micro-batches in flight on a pipelined executor */
 
 typedef struct {
   engine_req *req;
@@ -50,8 +53,6 @@ struct engine {
   ts_sample_row *s_rows;  /* [max_num_seqs] device sampling rows, by logits row */
   int32_t *s_ids;         /* [max_num_seqs] their sampled ids */
   engine_seq **done;      /* [max_num_seqs] copy of the step's sequences */
-  int32_t *mb_starts;     /* [max_num_seqs + ENGINE_MAX_MICRO] micro-batch seq_start arrays */
-  int32_t *mb_rows;       /* [max_num_seqs] micro-batch logits rows */
   char step_error[TS_ERR_MSG_MAX];
   pending_event *events;  /* [cap_events] */
   int n_events, cap_events;
@@ -75,6 +76,17 @@ struct engine {
   int n_cancels, cap_cancels;
   engine_stats stats;
   int64_t prompt_tokens_total, generation_tokens_total;
+
+  /* Pipelined executors (engine thread only): micro-batches submitted and not yet collected,
+   * oldest at pipe_head. Each sequence is in at most one (engine_seq.inflight); a request with
+   * a sequence in flight is freed only once that micro-batch is collected. */
+  int pipe_depth;         /* most micro-batches in flight; 0: steps run one at a time */
+  struct {
+    uint64_t step_id;
+    int n;
+    engine_seq **seqs;    /* [max_num_seqs] in batch order (logits rows follow it) */
+  } pipe[ENGINE_MAX_PIPE];
+  int pipe_head, pipe_n;
 };
 
 static uint64_t eng_mix(uint64_t x) {
@@ -101,10 +113,20 @@ static void live_remove(engine *e, engine_req *r) {
   e->n_live--;
 }
 
-/* Takes a request out of the scheduler and frees it (no event). */
+static int req_inflight(const engine_req *r) {
+  for (int i = 0; i < r->n; i++)
+    if (r->seqs[i].inflight) return 1;
+  return 0;
+}
+
+/* Takes a request out of the scheduler and frees it (no event). With a sequence in flight it
+ * stays on the live list, silent and finished, until free_finished finds it landed. */
 static void req_drop(engine *e, engine_req *r) {
   for (int i = 0; i < r->n; i++)
     if (r->seqs[i].state != SEQ_FINISHED) scheduler_remove(&e->sched, &r->seqs[i]);
+  r->n_unfinished = 0;
+  r->fn = NULL;
+  if (req_inflight(r)) return;
   live_remove(e, r);
   req_free(r);
 }
@@ -169,7 +191,7 @@ static void req_fail(engine *e, engine_req *r, engine_finish finish, const char 
 static void free_finished(engine *e) {
   for (engine_req *r = e->live_head, *next; r; r = next) {
     next = r->next;
-    if (r->n_unfinished == 0) {
+    if (r->n_unfinished == 0 && !req_inflight(r)) {
       live_remove(e, r);
       req_free(r);
     }
@@ -336,53 +358,6 @@ static int kv_epoch_sync(engine *e) {
   return 1;
 }
 
-/* Runs the step's plan b. With a pipelined executor (P stages), the step's sequences are cut
- * into up to P micro-batches of about equal tokens that are all submitted before the first is
- * collected, so every stage works at once; each micro-batch is a view of b with its own rebased
- * seq_start and logits rows, and writes its logits at its first row of e->logits. */
-static int run_step(engine *e, const ts_batch *b, ts_err *err) {
-  executor *ex = e->ex;
-  int P = ex->pipe ? ex->info.max_inflight : 1;
-  if (P > b->n_seqs) P = b->n_seqs;
-  if (P > ENGINE_MAX_MICRO) P = ENGINE_MAX_MICRO;
-  if (P <= 1) return executor_execute_step(ex, e->step_id++, b, e->logits, err);
-  int rc = 0, submitted = 0, j = 0, lr = 0;
-  size_t first_row[ENGINE_MAX_MICRO];
-  int32_t *st = e->mb_starts, *rw = e->mb_rows;
-  for (int g = 0; g < P && j < b->n_seqs; g++) {
-    /* Sequences [j, j1): about an equal share of the tokens left, at least one sequence. */
-    int left_tok = b->n_tokens - b->seq_start[j], share = left_tok / (P - g);
-    int j1 = j + 1;
-    while (j1 < b->n_seqs - (P - g - 1) && b->seq_start[j1] - b->seq_start[j] < share) j1++;
-    if (g == P - 1) j1 = b->n_seqs;
-    int t0 = b->seq_start[j], t1 = b->seq_start[j1], ns = j1 - j;
-    for (int k = 0; k <= ns; k++) st[k] = b->seq_start[j + k] - t0;
-    int nl = 0;
-    first_row[g] = (size_t)lr;
-    while (lr < b->n_logits && b->logits_rows[lr] < t1) rw[nl++] = b->logits_rows[lr++] - t0;
-    ts_batch mb = {.n_tokens = t1 - t0, .tokens = b->tokens + t0, .pos = b->pos + t0,
-                   .n_seqs = ns, .seq_start = st, .ctx_len = b->ctx_len + j,
-                   .max_blocks = b->max_blocks,
-                   .block_table = b->block_table + (size_t)j * b->max_blocks,
-                   .n_logits = nl, .logits_rows = rw};
-    rc = executor_submit_step(ex, e->step_id++, &mb, err);
-    if (rc < 0) break;
-    submitted++;
-    st += ns + 1;
-    rw += nl;
-    j = j1;
-  }
-  /* Every submitted micro-batch is collected, failed or not, so none is left outstanding. */
-  for (int g = 0; g < submitted; g++) {
-    ts_err e2;
-    ts_err_clear(&e2);
-    int r2 = executor_collect_step(ex, NULL, e->logits + first_row[g] * (size_t)e->vocab,
-                                   rc < 0 ? &e2 : err);
-    if (r2 < 0 && rc == 0) rc = r2;
-  }
-  return rc;
-}
-
 static void engine_step(engine *e) {
   scheduler *sc = &e->sched;
   if (kv_epoch_sync(e)) return;
@@ -415,7 +390,7 @@ static void engine_step(engine *e) {
   }
   int rc = device ? e->ex->ops->execute_step_sample(e->ex, e->step_id++, &b, e->s_rows, e->s_ids,
                                                     &err)
-                  : run_step(e, &b, &err);
+                  : executor_execute_step(e->ex, e->step_id++, &b, e->logits, &err);
   if (rc < 0) {
     LOG_E("engine: step failed: %s", err.msg);
     /* Every request in the failed step ends with the error; the cache contents of its blocks are
@@ -443,12 +418,136 @@ static void engine_step(engine *e) {
   }
 }
 
+/* ---- pipelined steps ---- */
+
+/* Counts the prompts of the step just planned into the totals (once per request). */
+static void count_prompts(engine *e) {
+  scheduler *sc = &e->sched;
+  for (int j = 0; j < sc->n_sched; j++) {
+    engine_req *r = sc->sched[j]->req;
+    if (!r->counted) {
+      r->counted = 1;
+      e->prompt_tokens_total += r->n_prompt;
+    }
+  }
+}
+
+/* Takes the oldest micro-batch off the pipeline: its sequences land (committed when ok) and are
+ * returned in *seqs (valid until the next submit into that slot). */
+static int pipe_pop(engine *e, int ok, engine_seq ***seqs) {
+  int slot = e->pipe_head, n = e->pipe[slot].n;
+  e->pipe_head = (e->pipe_head + 1) % e->pipe_depth;
+  e->pipe_n--;
+  for (int j = 0; j < n; j++) scheduler_land(&e->sched, e->pipe[slot].seqs[j], ok);
+  *seqs = e->pipe[slot].seqs;
+  return n;
+}
+
+/* After a failed submit or collect: every micro-batch still in flight is collected (the
+ * executor fails each at once) and its requests end with msg, so that nothing is left
+ * outstanding when the next step is submitted. */
+static void pipe_fail_all(engine *e, const char *msg) {
+  while (e->pipe_n > 0) {
+    ts_err err;
+    ts_err_clear(&err);
+    executor_collect_step(e->ex, NULL, e->logits, &err);
+    engine_seq **seqs;
+    int n = pipe_pop(e, 0, &seqs);
+    for (int j = 0; j < n; j++) req_fail(e, seqs[j]->req, ENGINE_FINISH_ERROR, msg);
+  }
+}
+
+/* Submits micro-batches until P are in flight or nothing else can run. Each takes about its share
+ * of the live sequences (those in flight included), so P groups of similar size form and keep
+ * going round; new requests join the next micro-batch submitted. */
+static void pipe_fill(engine *e) {
+  scheduler *sc = &e->sched;
+  while (e->pipe_n < e->pipe_depth) {
+    int live = sc->n_running + sc->n_waiting;
+    if (live > e->cfg.max_num_seqs) live = e->cfg.max_num_seqs;
+    if (live == 0) return;
+    if (scheduler_schedule_group(sc, (live + e->pipe_depth - 1) / e->pipe_depth) == 0) {
+      /* With nothing in flight, as in engine_step: the head of the queue can never run. */
+      if (e->pipe_n == 0 && sc->n_running == 0 && sc->n_waiting > 0) {
+        engine_req *r = sc->waiting[0]->req;
+        LOG_W("engine: request %llu cannot be scheduled; failing it", (unsigned long long)r->id);
+        req_fail(e, r, ENGINE_FINISH_ERROR, "the request does not fit the KV cache");
+        continue;
+      }
+      return;
+    }
+    count_prompts(e);
+    ts_batch b;
+    build_batch(e, &b);
+    ts_err err;
+    ts_err_clear(&err);
+    uint64_t id = e->step_id++;
+    int rc = executor_submit_step(e->ex, id, &b, &err);
+    int n = sc->n_sched;
+    memcpy(e->done, sc->sched, (size_t)n * sizeof *e->done);
+    sc->n_sched = 0;
+    if (rc < 0) {
+      LOG_E("engine: step failed: %s", err.msg);
+      snprintf(e->step_error, sizeof e->step_error, "%s", err.msg[0] ? err.msg : ts_strerror(rc));
+      for (int j = 0; j < n; j++) req_fail(e, e->done[j]->req, ENGINE_FINISH_ERROR, e->step_error);
+      pipe_fail_all(e, e->step_error);
+      return;
+    }
+    int slot = (e->pipe_head + e->pipe_n) % e->pipe_depth;
+    e->pipe[slot].step_id = id;
+    e->pipe[slot].n = n;
+    memcpy(e->pipe[slot].seqs, e->done, (size_t)n * sizeof *e->done);
+    for (int j = 0; j < n; j++) scheduler_launch(sc, e->done[j]);
+    e->pipe_n++;
+  }
+}
+
+/* Collects the oldest micro-batch and samples its sequences. */
+static void pipe_collect(engine *e) {
+  ts_err err;
+  ts_err_clear(&err);
+  uint64_t want = e->pipe[e->pipe_head].step_id, got = want;
+  int rc = executor_collect_step(e->ex, &got, e->logits, &err);
+  if (rc == 0 && got != want)
+    rc = ts_errorf(&err, TS_EINTERNAL, "engine: collected step %llu, expected %llu",
+                   (unsigned long long)got, (unsigned long long)want);
+  engine_seq **seqs;
+  int n = pipe_pop(e, rc == 0, &seqs);
+  if (rc < 0) {
+    LOG_E("engine: step failed: %s", err.msg);
+    snprintf(e->step_error, sizeof e->step_error, "%s", err.msg[0] ? err.msg : ts_strerror(rc));
+    for (int j = 0; j < n; j++) req_fail(e, seqs[j]->req, ENGINE_FINISH_ERROR, e->step_error);
+    pipe_fail_all(e, e->step_error);
+    return;
+  }
+  for (int j = 0; j < n; j++) {
+    engine_seq *s = seqs[j];
+    if (s->logits_row >= 0 && s->state == SEQ_RUNNING)
+      seq_advance(e, s, e->logits + (size_t)s->logits_row * e->vocab);
+  }
+}
+
+static void pipe_step(engine *e) {
+  pipe_fill(e);
+  if (e->pipe_n > 0) pipe_collect(e);
+}
+
+/* Engine teardown: the micro-batches in flight are abandoned (the executor is shut down next)
+ * and their sequences' blocks given back. */
+static void pipe_abandon(engine *e) {
+  while (e->pipe_n > 0) {
+    engine_seq **seqs;
+    pipe_pop(e, 0, &seqs);
+  }
+}
+
 /* ---- the loop ---- */
 
 static void stats_update_locked(engine *e) {
   engine_stats *st = &e->stats;
   int running = 0, waiting = 0;
   for (engine_req *r = e->live_head; r; r = r->next) {
+    if (r->n_unfinished == 0) continue; /* cancelled, freed once its micro-batch is collected */
     int any = 0;
     for (int i = 0; i < r->n; i++) any |= r->seqs[i].state == SEQ_RUNNING;
     if (any) running++; else waiting++;
@@ -498,7 +597,9 @@ static void *engine_loop(void *arg) {
     /* Ids stay on the shared list until their requests are gone, so no event slips through. */
     pthread_mutex_unlock(&e->cb_mu);
 
-    kv_epoch_sync(e); /* before new requests join: they start on the restarted workers */
+    /* Before new requests join: they start on the restarted workers. Micro-batches of the lost
+     * caches (if any are left) must not be mistaken for new ones. */
+    if (kv_epoch_sync(e)) pipe_fail_all(e, "the workers were restarted and lost the KV cache");
     for (engine_req *r = in, *next; r; r = next) {
       next = r->next;
       live_add(e, r);
@@ -521,7 +622,8 @@ static void *engine_loop(void *arg) {
       e->n_cancels -= n_cancels;
       pthread_mutex_unlock(&e->cb_mu);
     }
-    if (e->sched.n_running + e->sched.n_waiting > 0) engine_step(e);
+    if (e->pipe_depth > 0) pipe_step(e);
+    else if (e->sched.n_running + e->sched.n_waiting > 0) engine_step(e);
     events_flush(e);
     free_finished(e);
   }
@@ -612,16 +714,20 @@ int engine_create_with_executor(engine **out, executor *ex, const tokenizer *tok
   e->s_rows = malloc(ns * sizeof *e->s_rows);
   e->s_ids = malloc(ns * sizeof *e->s_ids);
   e->done = malloc(ns * sizeof *e->done);
-  e->mb_starts = malloc((ns + ENGINE_MAX_MICRO) * sizeof *e->mb_starts);
-  e->mb_rows = malloc((ns + 1) * sizeof *e->mb_rows);
+  int oom = 0;
+  if (ex->pipe && info->max_inflight > 1) {
+    e->pipe_depth = info->max_inflight < ENGINE_MAX_PIPE ? info->max_inflight : ENGINE_MAX_PIPE;
+    for (int k = 0; k < e->pipe_depth; k++)
+      oom |= !(e->pipe[k].seqs = malloc(ns * sizeof *e->pipe[k].seqs));
+  }
   rc = block_manager_create(&e->bm, n_blocks, cfg.block_size, cfg.enable_prefix_caching, err);
   if (rc == 0) {
     scheduler_config sc = {cfg.max_num_seqs, cfg.max_num_batched_tokens};
     rc = scheduler_init(&e->sched, &sc, e->bm, err);
   }
   if (rc == 0 && (!e->b_tokens || !e->b_pos || !e->b_seq_start || !e->b_ctx_len ||
-                  !e->b_block_table || !e->b_logits_rows || !e->logits || !e->s_rows || !e->s_ids || !e->done || !e->mb_starts ||
-                  !e->mb_rows))
+                  !e->b_block_table || !e->b_logits_rows || !e->logits || !e->s_rows || !e->s_ids ||
+                  !e->done || oom))
     rc = ts_errorf(err, TS_ENOMEM, "engine: out of memory for step buffers");
   if (rc == 0) {
     pthread_mutex_init(&e->mu, NULL);
@@ -662,6 +768,7 @@ void engine_destroy(engine *e) {
       live_add(e, r);
     }
     e->inbox_head = e->inbox_tail = NULL;
+    pipe_abandon(e);
     for (engine_req *r = e->live_head; r; r = r->next) req_fail(e, r, ENGINE_FINISH_ABORT, NULL);
     events_flush(e);
     while (e->live_head) req_drop(e, e->live_head);
@@ -682,8 +789,7 @@ void engine_destroy(engine *e) {
   free(e->s_rows);
   free(e->s_ids);
   free(e->done);
-  free(e->mb_starts);
-  free(e->mb_rows);
+  for (int k = 0; k < ENGINE_MAX_PIPE; k++) free(e->pipe[k].seqs);
   free(e->events);
   free(e->cancels);
   free(e);

@@ -43,6 +43,8 @@ typedef struct engine_seq {
   /* Scheduling scratch for the current step. */
   int sched_tokens;     /* new tokens in this step, 0 when not scheduled */
   int logits_row;       /* row of this step's logits, -1 when none */
+  int inflight;         /* in a submitted micro-batch not yet collected (pipelined executors):
+                           not scheduled again nor preempted, and its blocks outlive a removal */
 } engine_seq;
 
 typedef struct engine_req {

@@ -1,7 +1,9 @@
 /* Scheduling policy: running sequences first, oldest first, each taking all its remaining tokens
  * up to the step's token budget (a decode is one token, a prefill is chunked); then waiting
  * sequences in arrival order while blocks, the budget and max_num_seqs allow. When a running
- * sequence needs a block and none is free, the newest running sequence is preempted. */
+ * sequence needs a block and none is free, the newest running sequence is preempted. Sequences
+ * in flight (a pipeline's other micro-batches) are skipped and never preempted: their tokens are
+ * being computed into their blocks. */
 #include "engine/scheduler.h"
 
 #include <stdlib.h>
@@ -62,7 +64,9 @@ void scheduler_remove(scheduler *s, engine_seq *q) {
   if (q->state == SEQ_RUNNING) list_remove(s->running, &s->n_running, q);
   else if (q->state == SEQ_WAITING) list_remove(s->waiting, &s->n_waiting, q);
   list_remove(s->sched, &s->n_sched, q);
-  block_manager_release(s->bm, &q->bt);
+  /* The workers may still be writing a sequence in flight into its blocks: handing them to
+   * another sequence now would let its step run on blocks this one is still filling. */
+  if (!q->inflight) block_manager_release(s->bm, &q->bt);
   q->n_computed = 0;
   q->sched_tokens = 0;
   q->state = SEQ_FINISHED;
@@ -70,20 +74,24 @@ void scheduler_remove(scheduler *s, engine_seq *q) {
 
 /* Frees the blocks of the newest running sequence and queues it first: it is recomputed from its
  * tokens (prompt and generated so far) when blocks allow, so nothing is lost. */
-static engine_seq *preempt_newest(scheduler *s) {
-  engine_seq *v = s->running[--s->n_running];
+static engine_seq *preempt_at(scheduler *s, int at) {
+  engine_seq *v = s->running[at];
+  if (waiting_insert(s, 0, v) < 0) return NULL; /* keeping it running is always safe */
+  memmove(s->running + at, s->running + at + 1, (size_t)(s->n_running - at - 1) * sizeof *s->running);
+  s->n_running--;
   block_manager_release(s->bm, &v->bt);
   v->n_computed = 0;
   v->sched_tokens = 0;
   v->state = SEQ_WAITING;
   s->preemptions++;
-  if (waiting_insert(s, 0, v) < 0) {
-    /* Keeping it running is always safe: it gets its blocks back on a later step. */
-    s->running[s->n_running++] = v;
-    v->state = SEQ_RUNNING;
-    return NULL;
-  }
   return v;
+}
+
+/* Index of the newest running sequence that is not in flight, -1 when none. */
+static int newest_free(const scheduler *s) {
+  for (int i = s->n_running - 1; i >= 0; i--)
+    if (!s->running[i]->inflight) return i;
+  return -1;
 }
 
 /* A sibling choice that is still computing the shared prompt: wait for it and share its blocks
@@ -130,24 +138,29 @@ static int attach_prefix(scheduler *s, engine_seq *q) {
   return cached;
 }
 
-int scheduler_schedule(scheduler *s) {
+int scheduler_schedule(scheduler *s) { return scheduler_schedule_group(s, 0); }
+
+int scheduler_schedule_group(scheduler *s, int max_seqs) {
   int budget = s->cfg.max_num_batched_tokens;
-  int preempted = 0;
+  int preempted = 0, n_inflight = 0;
+  if (max_seqs <= 0) max_seqs = s->cfg.max_num_seqs;
   s->n_sched = 0;
   s->n_sched_tokens = 0;
-  for (int i = 0; i < s->n_running && budget > 0; i++) {
+  for (int i = 0; i < s->n_running; i++) n_inflight += s->running[i]->inflight != 0;
+  for (int i = 0; i < s->n_running && budget > 0 && s->n_sched < max_seqs; i++) {
     engine_seq *q = s->running[i];
+    if (q->inflight) continue;
     int k = q->n_tokens - q->n_computed;
     if (k > budget) k = budget;
     int ok = 1;
     while (block_manager_ensure(s->bm, &q->bt, q->n_computed + k) != 0) {
-      engine_seq *v = preempt_newest(s);
-      if (!v) {
-        ok = 0;
-        break;
-      }
-      preempted = 1;
-      if (v == q) {
+      /* Every sequence before q is scheduled or in flight, so the newest free one is q or newer.
+       * When it is q and others are in flight, q waits for them to land (they may finish and
+       * free their blocks) instead of giving its own up. */
+      int at = newest_free(s);
+      engine_seq *v = at < 0 || (s->running[at] == q && n_inflight > 0) ? NULL : preempt_at(s, at);
+      preempted = 1; /* the cache is full either way */
+      if (!v || v == q) {
         ok = 0;
         break;
       }
@@ -159,7 +172,7 @@ int scheduler_schedule(scheduler *s) {
     budget -= k;
   }
   /* After a preemption the cache is full: admitting now would only preempt again. */
-  for (int i = 0; !preempted && i < s->n_waiting && budget > 0 &&
+  for (int i = 0; !preempted && i < s->n_waiting && budget > 0 && s->n_sched < max_seqs &&
                   s->n_running < s->cfg.max_num_seqs;) {
     engine_seq *q = s->waiting[i];
     if (q->bt.n == 0 && sibling_prefilling(q)) {
@@ -200,4 +213,22 @@ void scheduler_commit(scheduler *s) {
     q->n_computed += q->sched_tokens;
     block_manager_commit(s->bm, &q->bt, q->tokens, q->n_computed);
   }
+}
+
+void scheduler_launch(scheduler *s, engine_seq *q) {
+  (void)s;
+  q->inflight = 1;
+}
+
+void scheduler_land(scheduler *s, engine_seq *q, int ok) {
+  q->inflight = 0;
+  if (q->state == SEQ_FINISHED) {
+    block_manager_release(s->bm, &q->bt); /* removed while in flight */
+    return;
+  }
+  if (ok) {
+    q->n_computed += q->sched_tokens;
+    block_manager_commit(s->bm, &q->bt, q->tokens, q->n_computed);
+  }
+  q->sched_tokens = 0;
 }

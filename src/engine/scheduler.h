@@ -1,7 +1,9 @@
 /* The scheduler: decides each step which sequences run and how many of their tokens (continuous
  * batching; decodes and prefill chunks mixed under the token budget), admits waiting sequences
  * while blocks and the sequence limit allow, and preempts the newest sequences when blocks run
- * out (their blocks are freed and their tokens recomputed later). Engine thread only. */
+ * out (their blocks are freed and their tokens recomputed later). With a pipelined executor
+ * several steps (micro-batches) are in flight at once: a sequence in flight is never scheduled
+ * again, preempted or freed until its micro-batch lands. Engine thread only. */
 #ifndef TESSERA_SCHEDULER_H
 #define TESSERA_SCHEDULER_H
 
@@ -35,12 +37,22 @@ void scheduler_free(scheduler *s);
 
 /* Queues a new sequence at the back. */
 int scheduler_add(scheduler *s, engine_seq *q);
-/* Takes a sequence out (running or waiting) and frees its blocks. */
+/* Takes a sequence out (running or waiting) and frees its blocks; a sequence in flight keeps
+ * its blocks until scheduler_land. */
 void scheduler_remove(scheduler *s, engine_seq *q);
 /* Plans the next step: fills s->sched, sets each chosen sequence's sched_tokens. Returns the
  * number of sequences scheduled. */
 int scheduler_schedule(scheduler *s);
+/* The same for one micro-batch of a pipeline: at most max_seqs sequences (0: no limit), none
+ * of them in flight; a sequence that needs a block waits for the sequences in flight rather
+ * than preempting one of them. */
+int scheduler_schedule_group(scheduler *s, int max_seqs);
 /* After a successful step: the scheduled tokens are now in the KV cache. */
 void scheduler_commit(scheduler *s);
+/* Pipelined steps: q's micro-batch was submitted (scheduler_launch) or came back (scheduler_land;
+ * ok: its sched_tokens are in the KV cache now). A sequence removed while in flight frees its
+ * blocks on landing. */
+void scheduler_launch(scheduler *s, engine_seq *q);
+void scheduler_land(scheduler *s, engine_seq *q, int ok);
 
 #endif
