@@ -19,8 +19,11 @@
 
 #include "dist/comm.h"
 
-/* Rows of logits computed per lm_head pass: bounds the logits buffer ([LOGIT_CHUNK][vocab]). */
+/* Rows of logits computed per lm_head pass: bounds the logits buffer ([LOGIT_CHUNK][vocab]).
+ * A backend that samples on the device keeps the buffer there and takes more rows per pass, so
+ * a large decode step reads the lm_head weight fewer times. */
 #define LOGIT_CHUNK 64
+#define LOGIT_CHUNK_DEVICE 256
 
 typedef struct {
   int T;            /* max tokens per step */
@@ -59,7 +62,8 @@ int forward_scratch_create(model *m, ts_err *err) {
   size_t d = (size_t)c->d_model, nh = c->n_head / tp * hd, nkv = c->n_kv_head / tp * hd;
   size_t ff = (size_t)c->d_ff / tp;
   s->T = m->max_tokens;
-  s->lc = m->max_tokens < LOGIT_CHUNK ? m->max_tokens : LOGIT_CHUNK;
+  const int chunk = m->be->ops->sample ? LOGIT_CHUNK_DEVICE : LOGIT_CHUNK;
+  s->lc = m->max_tokens < chunk ? m->max_tokens : chunk;
   struct {
     float **p;
     size_t n;

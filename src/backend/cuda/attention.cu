@@ -210,12 +210,14 @@ __global__ void attention_combine_kernel(const float *ws_acc, const float *ws_ml
 }
 
 /* Decode steps (one query token per sequence): grid (sequence, KV head, split). The block's four
- * warps take every fourth key of the split; each lane holds NI consecutive dimensions of the key
- * and value rows (one vector load each: a 256-byte bf16 row is one coalesced read) and of every
- * query head of the GQA group, and a warp reduction gives each score. Each warp keeps an online
- * softmax per head; the warps are merged through shared memory at the end. G (a power of two at
- * least the group) sizes the per-head registers: small enough that many blocks share a
- * multiprocessor and enough loads are in flight to stream the cache. */
+ * warps take tiles of 32 keys in turn (warp w: keys 32w.., 32(w+4)..). In a tile, lane j scores
+ * key j against every query head of the GQA group (the queries sit in shared memory and are
+ * read as broadcasts; the key row is read in 16-byte pieces), so a tile costs one max and one
+ * sum reduction per head instead of one reduction per key, and 32 rows are in flight at once.
+ * Then each lane accumulates its NI consecutive dimensions of the 32 value rows (one coalesced
+ * vector load per row). Each warp keeps an online softmax per head; the warps are merged
+ * through shared memory at the end. G (a power of two at least the group) sizes the per-head
+ * registers. */
 #define DEC_MAXG 8
 #define DEC_MAXHD 128
 
@@ -244,54 +246,108 @@ __device__ __forceinline__ void dec_load(const KT *p, float f[NI]) {
   }
 }
 
+/* 16 bytes of a key row: E = 16 / sizeof(KT) elements as float. */
+template <typename KT>
+__device__ __forceinline__ void dec_load16(const KT *p, float *f) {
+  uint4 u = __ldg((const uint4 *)p);
+  if constexpr (sizeof(KT) == 4) {
+    const float *h = (const float *)&u;
+#pragma unroll
+    for (int e = 0; e < 4; e++) f[e] = h[e];
+  } else {
+    const KT *h = (const KT *)&u;
+#pragma unroll
+    for (int e = 0; e < 8; e++) f[e] = cuda_ld(h + e);
+  }
+}
+
 template <int NI, int G, typename KT>
 __global__ void __launch_bounds__(ATT_THREADS) attention_decode_kernel(att_args a) {
+  constexpr int E = 16 / (int)sizeof(KT); /* key elements per 16-byte load */
+  constexpr int HD = 32 * NI;             /* head_dim */
   __shared__ float sm_acc[ATT_WARPS][G][DEC_MAXHD];
   __shared__ float sm_m[ATT_WARPS][G], sm_l[ATT_WARPS][G];
+  __shared__ __align__(16) float qs[G][HD];
   cuda_pdl_wait();
   cuda_pdl_trigger();
   const int s = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int hd = a.hd, group = a.group;
+  const int group = a.group;
   const int t = a.seq_start[s];
   const int klim = min(a.pos[t] + 1, a.ctx_len[s]);
   const int k_begin = split * a.chunk, k_end = min(klim, k_begin + a.chunk);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const KT *kc = (const KT *)a.kc, *vc = (const KT *)a.vc;
   const int32_t *bt = a.block_table + (size_t)s * a.max_blocks;
-  const int d0 = lane * NI; /* this lane's dimensions: d0 .. d0 + NI - 1 (hd == 32 * NI) */
+  const int d0 = lane * NI; /* this lane's value dimensions: d0 .. d0 + NI - 1 */
 
-  float q[G][NI], acc[G][NI], m[G], l[G];
+  for (int i = threadIdx.x; i < G * HD; i += ATT_THREADS) {
+    const int h = i / HD, d = i % HD;
+    qs[h][d] = h < group ? a.q[((size_t)t * a.n_head + kvh * group + h) * HD + d] * a.scale : 0.0f;
+  }
+  __syncthreads();
+
+  float acc[G][NI], m[G], l[G];
 #pragma unroll
   for (int h = 0; h < G; h++) {
     m[h] = -INFINITY;
     l[h] = 0.0f;
 #pragma unroll
-    for (int n = 0; n < NI; n++) {
-      acc[h][n] = 0.0f;
-      q[h][n] = h < group ? a.q[((size_t)t * a.n_head + kvh * group + h) * hd + d0 + n] : 0.0f;
-    }
+    for (int n = 0; n < NI; n++) acc[h][n] = 0.0f;
   }
-#pragma unroll 4
-  for (int p = k_begin + warp; p < k_end; p += ATT_WARPS) {
+  for (int k0 = k_begin + 32 * warp; k0 < k_end; k0 += 32 * ATT_WARPS) {
+    const int p = k0 + lane;
+    const bool valid = p < k_end;
     const size_t base =
-        (((size_t)bt[p / a.block_size] * a.block_size + p % a.block_size) * a.n_kv + kvh) * hd +
-        d0;
-    float kf[NI], vf[NI];
-    dec_load<NI, KT>(kc + base, kf);
-    dec_load<NI, KT>(vc + base, vf);
+        valid ? (((size_t)bt[p / a.block_size] * a.block_size + p % a.block_size) * a.n_kv + kvh) *
+                    HD
+              : 0;
+    float sc[G];
+#pragma unroll
+    for (int h = 0; h < G; h++) sc[h] = 0.0f;
+    if (valid) {
+#pragma unroll 4
+      for (int c = 0; c < HD / E; c++) {
+        float kf[E];
+        dec_load16<KT>(kc + base + c * E, kf);
+#pragma unroll
+        for (int h = 0; h < G; h++) {
+          if (h >= group) break;
+          const float4 *qv = (const float4 *)&qs[h][c * E];
+#pragma unroll
+          for (int e4 = 0; e4 < E / 4; e4++) {
+            const float4 qq = qv[e4];
+            sc[h] += qq.x * kf[4 * e4] + qq.y * kf[4 * e4 + 1] + qq.z * kf[4 * e4 + 2] +
+                     qq.w * kf[4 * e4 + 3];
+          }
+        }
+      }
+    }
+    float pr[G];
 #pragma unroll
     for (int h = 0; h < G; h++) {
       if (h >= group) break;
-      float d = 0.0f;
-#pragma unroll
-      for (int n = 0; n < NI; n++) d += q[h][n] * kf[n];
-      d = cuda_warp_sum(d) * a.scale;
-      const float mn = fmaxf(m[h], d);
-      const float al = expf(m[h] - mn), pe = expf(d - mn);
-      l[h] = l[h] * al + pe;
+      const float mt = cuda_warp_max(valid ? sc[h] : -INFINITY);
+      const float mn = fmaxf(m[h], mt); /* finite: lane 0's key is valid */
+      const float al = expf(m[h] - mn);
+      pr[h] = valid ? expf(sc[h] - mn) : 0.0f;
+      l[h] = l[h] * al + cuda_warp_sum(pr[h]);
       m[h] = mn;
 #pragma unroll
-      for (int n = 0; n < NI; n++) acc[h][n] = acc[h][n] * al + pe * vf[n];
+      for (int n = 0; n < NI; n++) acc[h][n] *= al;
+    }
+    const int kn = min(32, k_end - k0);
+#pragma unroll 4
+    for (int j = 0; j < kn; j++) {
+      const size_t bj = __shfl_sync(0xffffffffu, base, j);
+      float vf[NI];
+      dec_load<NI, KT>(vc + bj + d0, vf);
+#pragma unroll
+      for (int h = 0; h < G; h++) {
+        if (h >= group) break;
+        const float pj = __shfl_sync(0xffffffffu, pr[h], j);
+#pragma unroll
+        for (int n = 0; n < NI; n++) acc[h][n] += pj * vf[n];
+      }
     }
   }
 #pragma unroll
@@ -305,8 +361,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_decode_kernel(att_args 
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < group * hd; idx += ATT_THREADS) {
-    const int h = idx / hd, d = idx % hd;
+  for (int idx = threadIdx.x; idx < group * HD; idx += ATT_THREADS) {
+    const int h = idx / HD, d = idx % HD;
     float M = -INFINITY;
     for (int w = 0; w < ATT_WARPS; w++)
       if (sm_l[w][h] > 0.0f) M = fmaxf(M, sm_m[w][h]);
@@ -319,10 +375,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_decode_kernel(att_args 
       }
     const size_t row = (size_t)t * a.n_head + kvh * group + h;
     if (a.n_splits == 1) {
-      a.out[row * hd + d] = L > 0.0f ? A / L : 0.0f;
+      a.out[row * HD + d] = L > 0.0f ? A / L : 0.0f;
     } else {
       const size_t wrow = (size_t)split * a.n_tokens * a.n_head + row;
-      a.ws_acc[wrow * hd + d] = A;
+      a.ws_acc[wrow * HD + d] = A;
       if (d == 0) {
         a.ws_ml[2 * wrow] = M;
         a.ws_ml[2 * wrow + 1] = L;

@@ -111,3 +111,24 @@ void cuda_op_matmul_add(void *ctx, const float *x, const ts_tensor *w, int n, fl
   }
   matmul_cublas(c, x, w, n, y, 1.0f); /* beta = 1: cuBLAS adds into y */
 }
+
+int cuda_matmul_narrowed(cuda_ctx *c, const void *x16, const ts_tensor *w, const ts_tensor *bias,
+                         int n, float *y) {
+  if (n <= 0) return 0;
+  int m = (int)w->shape[0], k = (int)w->shape[1];
+  int lda = (int)cuda_weight_stride(w);
+  const float one = 1.0f, zero = 0.0f;
+  cudaDataType dt = w->dtype == TS_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+  if (CUBLAS_CHECK(c, cublasGemmEx(c->cublas, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &one, w->data, dt,
+                                   lda, x16, dt, k, &zero, y, CUDA_R_32F, m, CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT)))
+    return -1;
+  if (bias && bias->data) {
+    int64_t count = (int64_t)n * m;
+    CUDA_DISPATCH_FLOAT(c, bias->dtype, "matmul bias", B,
+                        bias_add_kernel<B><<<grid_for(c, count), 256, 0, c->stream>>>(
+                            y, (const B *)bias->data, m, count);
+                        CUDA_CHECK_LAUNCH(c, "bias_add_kernel"));
+  }
+  return c->err_code ? -1 : 0;
+}

@@ -12,4 +12,9 @@ void cuda_op_matmul(void *ctx, const float *x, const ts_tensor *w, const ts_tens
  * products, else cuBLAS with beta = 1. */
 void cuda_op_matmul_add(void *ctx, const float *x, const ts_tensor *w, int n, float *y);
 
+/* y = x16 @ w^T (+ bias) for an input already narrowed to the weight's 16-bit dtype (BF16 or
+ * F16). No graph bookkeeping: for the fused ops' own paths. */
+int cuda_matmul_narrowed(cuda_ctx *c, const void *x16, const ts_tensor *w, const ts_tensor *bias,
+                         int n, float *y);
+
 #endif

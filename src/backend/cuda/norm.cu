@@ -5,9 +5,9 @@
 
 #define NORM_THREADS 256
 
-template <typename W>
+template <typename W, typename O>
 __global__ void rmsnorm_kernel(float *residual, const float *x, const W *w, float eps, int dim,
-                               float *out) {
+                               O *out) {
   __shared__ float partial[NORM_THREADS / 32];
   cuda_pdl_wait();
   cuda_pdl_trigger();
@@ -34,16 +34,17 @@ __global__ void rmsnorm_kernel(float *residual, const float *x, const W *w, floa
   __syncthreads();
   float inv = 1.0f / sqrtf(partial[0] / (float)dim + eps);
   const float *src = rr ? rr : xr;
-  float *o = out + base;
-  for (int j = threadIdx.x; j < dim; j += blockDim.x) o[j] = src[j] * inv * cuda_ld(w + j);
+  O *o = out + base;
+  for (int j = threadIdx.x; j < dim; j += blockDim.x) cuda_st(o + j, src[j] * inv * cuda_ld(w + j));
 }
 
 static void norm_launch(cuda_ctx *c, float *residual, const float *x, const ts_tensor *w,
                         float eps, int rows, int dim, float *out) {
   if (rows <= 0 || dim <= 0) return;
   CUDA_DISPATCH_FLOAT(c, w->dtype, "rmsnorm", W,
-                      cuda_launch_pdl(c, rmsnorm_kernel<W>, dim3(rows), dim3(NORM_THREADS), 0,
-                                      residual, x, (const W *)w->data, eps, dim, out);
+                      cuda_launch_pdl(c, rmsnorm_kernel<W, float>, dim3(rows),
+                                      dim3(NORM_THREADS), 0, residual, x, (const W *)w->data,
+                                      eps, dim, out);
                       CUDA_CHECK_LAUNCH(c, "rmsnorm_kernel"));
 }
 
@@ -59,4 +60,20 @@ void cuda_op_add_rmsnorm(void *ctx, float *residual, const float *x, const ts_te
                     (int64_t)dim << 20 ^ (int64_t)(intptr_t)w->data))
     return;
   norm_launch((cuda_ctx *)ctx, residual, x, w, eps, rows, dim, out);
+}
+
+int cuda_rmsnorm_narrow(cuda_ctx *c, const float *x, const ts_tensor *w, float eps, int rows,
+                        int dim, void *out, ts_dtype out_dtype) {
+  if (rows <= 0 || dim <= 0) return 0;
+  if (out_dtype == TS_BF16)
+    CUDA_DISPATCH_FLOAT(c, w->dtype, "rmsnorm", W,
+                        cuda_launch_pdl(c, rmsnorm_kernel<W, __nv_bfloat16>, dim3(rows),
+                                        dim3(NORM_THREADS), 0, (float *)NULL, x,
+                                        (const W *)w->data, eps, dim, (__nv_bfloat16 *)out));
+  else
+    CUDA_DISPATCH_FLOAT(c, w->dtype, "rmsnorm", W,
+                        cuda_launch_pdl(c, rmsnorm_kernel<W, __half>, dim3(rows),
+                                        dim3(NORM_THREADS), 0, (float *)NULL, x,
+                                        (const W *)w->data, eps, dim, (__half *)out));
+  return CUDA_CHECK_LAUNCH(c, "rmsnorm_kernel");
 }

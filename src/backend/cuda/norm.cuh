@@ -11,4 +11,9 @@ void cuda_op_rmsnorm(void *ctx, const float *x, const ts_tensor *w, float eps, i
 void cuda_op_add_rmsnorm(void *ctx, float *residual, const float *x, const ts_tensor *w, float eps,
                          int rows, int dim, float *out);
 
+/* rmsnorm into a 16-bit buffer (out_dtype BF16 or F16): the input of cuBLAS products, narrowed
+ * once for all of them. No graph bookkeeping: for the fused ops' own paths. */
+int cuda_rmsnorm_narrow(cuda_ctx *c, const float *x, const ts_tensor *w, float eps, int rows,
+                        int dim, void *out, ts_dtype out_dtype);
+
 #endif
