@@ -210,14 +210,12 @@ __global__ void attention_combine_kernel(const float *ws_acc, const float *ws_ml
 }
 
 /* Decode steps (one query token per sequence): grid (sequence, KV head, split). The block's four
- * warps take tiles of 32 keys in turn (warp w: keys 32w.., 32(w+4)..). In a tile, lane j scores
- * key j against every query head of the GQA group (the queries sit in shared memory and are
- * read as broadcasts; the key row is read in 16-byte pieces), so a tile costs one max and one
- * sum reduction per head instead of one reduction per key, and 32 rows are in flight at once.
- * Then each lane accumulates its NI consecutive dimensions of the 32 value rows (one coalesced
- * vector load per row). Each warp keeps an online softmax per head; the warps are merged
- * through shared memory at the end. G (a power of two at least the group) sizes the per-head
- * registers. */
+ * warps take every fourth key of the split; each lane holds NI consecutive dimensions of the key
+ * and value rows (one vector load each: a 256-byte bf16 row is one coalesced read) and of every
+ * query head of the GQA group, and a warp reduction gives each score. Each warp keeps an online
+ * softmax per head; the warps are merged through shared memory at the end. G (a power of two at
+ * least the group) sizes the per-head registers: small enough that many blocks share a
+ * multiprocessor and enough loads are in flight to stream the cache. */
 #define DEC_MAXG 8
 #define DEC_MAXHD 128
 
@@ -246,6 +244,101 @@ __device__ __forceinline__ void dec_load(const KT *p, float f[NI]) {
   }
 }
 
+template <int NI, int G, typename KT>
+__global__ void __launch_bounds__(ATT_THREADS) attention_decode_kernel(att_args a) {
+  __shared__ float sm_acc[ATT_WARPS][G][DEC_MAXHD];
+  __shared__ float sm_m[ATT_WARPS][G], sm_l[ATT_WARPS][G];
+  cuda_pdl_wait();
+  cuda_pdl_trigger();
+  const int s = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int hd = a.hd, group = a.group;
+  const int t = a.seq_start[s];
+  const int klim = min(a.pos[t] + 1, a.ctx_len[s]);
+  const int k_begin = split * a.chunk, k_end = min(klim, k_begin + a.chunk);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const KT *kc = (const KT *)a.kc, *vc = (const KT *)a.vc;
+  const int32_t *bt = a.block_table + (size_t)s * a.max_blocks;
+  const int d0 = lane * NI; /* this lane's dimensions: d0 .. d0 + NI - 1 (hd == 32 * NI) */
+
+  float q[G][NI], acc[G][NI], m[G], l[G];
+#pragma unroll
+  for (int h = 0; h < G; h++) {
+    m[h] = -INFINITY;
+    l[h] = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NI; n++) {
+      acc[h][n] = 0.0f;
+      q[h][n] = h < group ? a.q[((size_t)t * a.n_head + kvh * group + h) * hd + d0 + n] : 0.0f;
+    }
+  }
+#pragma unroll 4
+  for (int p = k_begin + warp; p < k_end; p += ATT_WARPS) {
+    const size_t base =
+        (((size_t)bt[p / a.block_size] * a.block_size + p % a.block_size) * a.n_kv + kvh) * hd +
+        d0;
+    float kf[NI], vf[NI];
+    dec_load<NI, KT>(kc + base, kf);
+    dec_load<NI, KT>(vc + base, vf);
+#pragma unroll
+    for (int h = 0; h < G; h++) {
+      if (h >= group) break;
+      float d = 0.0f;
+#pragma unroll
+      for (int n = 0; n < NI; n++) d += q[h][n] * kf[n];
+      d = cuda_warp_sum(d) * a.scale;
+      const float mn = fmaxf(m[h], d);
+      const float al = expf(m[h] - mn), pe = expf(d - mn);
+      l[h] = l[h] * al + pe;
+      m[h] = mn;
+#pragma unroll
+      for (int n = 0; n < NI; n++) acc[h][n] = acc[h][n] * al + pe * vf[n];
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < G; h++) {
+    if (h >= group) break;
+#pragma unroll
+    for (int n = 0; n < NI; n++) sm_acc[warp][h][d0 + n] = acc[h][n];
+    if (lane == 0) {
+      sm_m[warp][h] = m[h];
+      sm_l[warp][h] = l[h];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < group * hd; idx += ATT_THREADS) {
+    const int h = idx / hd, d = idx % hd;
+    float M = -INFINITY;
+    for (int w = 0; w < ATT_WARPS; w++)
+      if (sm_l[w][h] > 0.0f) M = fmaxf(M, sm_m[w][h]);
+    float L = 0.0f, A = 0.0f;
+    for (int w = 0; w < ATT_WARPS; w++)
+      if (sm_l[w][h] > 0.0f) {
+        const float e = expf(sm_m[w][h] - M);
+        L += sm_l[w][h] * e;
+        A += sm_acc[w][h][d] * e;
+      }
+    const size_t row = (size_t)t * a.n_head + kvh * group + h;
+    if (a.n_splits == 1) {
+      a.out[row * hd + d] = L > 0.0f ? A / L : 0.0f;
+    } else {
+      const size_t wrow = (size_t)split * a.n_tokens * a.n_head + row;
+      a.ws_acc[wrow * hd + d] = A;
+      if (d == 0) {
+        a.ws_ml[2 * wrow] = M;
+        a.ws_ml[2 * wrow + 1] = L;
+      }
+    }
+  }
+}
+
+/* The tiled form, for steps whose key splits give every warp whole tiles (>= 128 keys a block):
+ * the block's four warps take tiles of 32 keys in turn (warp w: keys 32w.., 32(w+4)..). In a
+ * tile, lane j scores key j against every query head of the GQA group (the queries sit in shared
+ * memory and are read as broadcasts; the key row is read in 16-byte pieces), so a tile costs one
+ * max and one sum reduction per head instead of one per key and keeps 32 rows in flight. Then
+ * each lane accumulates its NI consecutive dimensions of the 32 value rows (one coalesced vector
+ * load per row). Faster at many sequences (256: 285 against 306 us a layer); slower when a split
+ * holds only 64 keys (batch 1), where the per-key kernel above keeps all four warps busy. */
 /* 16 bytes of a key row: E = 16 / sizeof(KT) elements as float. */
 template <typename KT>
 __device__ __forceinline__ void dec_load16(const KT *p, float *f) {
@@ -262,7 +355,7 @@ __device__ __forceinline__ void dec_load16(const KT *p, float *f) {
 }
 
 template <int NI, int G, typename KT>
-__global__ void __launch_bounds__(ATT_THREADS) attention_decode_kernel(att_args a) {
+__global__ void __launch_bounds__(ATT_THREADS) attention_decode_tiled_kernel(att_args a) {
   constexpr int E = 16 / (int)sizeof(KT); /* key elements per 16-byte load */
   constexpr int HD = 32 * NI;             /* head_dim */
   __shared__ float sm_acc[ATT_WARPS][G][DEC_MAXHD];
@@ -387,9 +480,19 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_decode_kernel(att_args 
   }
 }
 
+/* Keys per block from which the tiled decode kernel is used: a tile of 32 for each warp. */
+#define DEC_TILED_MIN_KEYS (32 * ATT_WARPS)
+
 template <int NI, typename KT>
 static void attention_decode_launch_ni(cuda_ctx *c, dim3 grid, const att_args &a) {
   const dim3 th(ATT_THREADS);
+  if (a.chunk >= DEC_TILED_MIN_KEYS) {
+    if (a.group <= 1) cuda_launch_pdl(c, attention_decode_tiled_kernel<NI, 1, KT>, grid, th, 0, a);
+    else if (a.group <= 2) cuda_launch_pdl(c, attention_decode_tiled_kernel<NI, 2, KT>, grid, th, 0, a);
+    else if (a.group <= 4) cuda_launch_pdl(c, attention_decode_tiled_kernel<NI, 4, KT>, grid, th, 0, a);
+    else cuda_launch_pdl(c, attention_decode_tiled_kernel<NI, DEC_MAXG, KT>, grid, th, 0, a);
+    return;
+  }
   if (a.group <= 1) cuda_launch_pdl(c, attention_decode_kernel<NI, 1, KT>, grid, th, 0, a);
   else if (a.group <= 2) cuda_launch_pdl(c, attention_decode_kernel<NI, 2, KT>, grid, th, 0, a);
   else if (a.group <= 4) cuda_launch_pdl(c, attention_decode_kernel<NI, 4, KT>, grid, th, 0, a);

@@ -614,6 +614,11 @@ static void test_attention(void) {
       {"decode GQA4 hd64 f16", 4, {1, 1, 1, 1}, {1, 64, 300, 129}, 2, 8, 64, 16, TS_F16},
       {"decode GQA2 hd96 f32", 2, {1, 1}, {5, 260}, 4, 8, 96, 16, TS_F32},
       {"decode MHA hd32 bf16", 3, {1, 1, 1}, {33, 2, 520}, 4, 4, 32, 8, TS_BF16},
+      /* tiled decode kernel (key splits of >= 128 keys: few splits of long contexts) */
+      {"decode tiled GQA2 hd128 bf16", 4, {1, 1, 1, 1}, {1500, 37, 900, 2100}, 8, 16, 128, 16,
+       TS_BF16},
+      {"decode tiled GQA4 hd64 f32", 4, {1, 1, 1, 1}, {300, 1000, 5, 777}, 8, 32, 64, 16, TS_F32},
+      {"decode tiled MHA hd96 f16", 3, {1, 1, 1}, {2000, 129, 1}, 16, 16, 96, 32, TS_F16},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) test_attention_case(&cases[i]);
 }
