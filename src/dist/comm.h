@@ -24,6 +24,9 @@ struct comm {
   const comm_ops *ops;
   int rank;
   int size;
+  /* 1 when a collective is queued in order with the backend's own work (NCCL on the CUDA
+   * stream): the caller need not wait for its queued ops first. 0: buffers must be ready. */
+  int stream_ordered;
   void *impl;
 };
 

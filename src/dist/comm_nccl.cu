@@ -85,10 +85,16 @@ static int leave(comm *c, ts_err *err) {
   return NCCL_CHECK(c, "an earlier NCCL operation (async)", async, err);
 }
 
+/* The forward's all-reduce is one op of the step like the kernels around it: inside a decode
+ * step's CUDA graph it is recorded on capture and skipped on replay (the graph runs it), so a
+ * tensor-parallel step is one graph launch too. Every rank sees the same steps, so the ranks'
+ * graphs hold the same collectives in the same order. */
 static int nccl_all_reduce(comm *c, float *buf, size_t n, ts_err *err) {
   nccl_impl *nc = (nccl_impl *)c->impl;
-  TS_TRY(enter(c, "all-reduce", err));
+  if (nc->broken)
+    return ts_errorf(err, TS_EIO, "NCCL all-reduce: the group failed earlier: %s", nc->first_err);
   if (n == 0) return 0;
+  if (cuda_graph_op(nc->cu, CUDA_OP_ALL_REDUCE, buf, NULL, NULL, (int64_t)n, 0)) return 0;
   TS_TRY(NCCL_CHECK(c, "ncclAllReduce",
                     ncclAllReduce(buf, buf, n, ncclFloat32, ncclSum, nc->nccl, nc->cu->stream),
                     err));
@@ -195,6 +201,7 @@ extern "C" int comm_nccl_create(const comm_nccl_config *cfg, comm **out, ts_err 
   c->rank = cfg->rank;
   c->size = cfg->size;
   c->impl = nc;
+  c->stream_ordered = 1;
   nc->cu = (cuda_ctx *)cfg->be->ctx;
 
   int rc = COMM_CUDA_CHECK(c, "cudaSetDevice", cudaSetDevice(nc->cu->device), err);

@@ -101,10 +101,11 @@ static int sync_be(backend *be, ts_err *err) {
   return be->ops->sync ? be->ops->sync(be->ctx, err) : 0;
 }
 
-/* Sums a block's partial output over the tensor-parallel group. */
+/* Sums a block's partial output over the tensor-parallel group. A stream-ordered group (NCCL)
+ * queues the sum behind the ops that produce buf, so the step never waits on the host here. */
 static int tp_reduce(model *m, float *buf, size_t n, ts_err *err) {
   if (!m->tp_comm || m->tp_comm->size == 1) return 0;
-  TS_TRY(sync_be(m->be, err));
+  if (!m->tp_comm->stream_ordered) TS_TRY(sync_be(m->be, err));
   int rc = comm_all_reduce_sum_f32(m->tp_comm, buf, n, err);
   if (rc < 0) ts_err_prefix(err, "tensor-parallel all-reduce");
   return rc;

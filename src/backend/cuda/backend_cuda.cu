@@ -391,7 +391,7 @@ static void cuda_ctx_free(cuda_ctx *c) {
                                              "rope", "kv_write", "attention", "silu_mul",
                                              "gather_rows", "matmul lm_head", "sample",
                                              "norm_matmul", "norm_gate_up", "matmul_add",
-                                             "qk_rope_kv"};
+                                             "qk_rope_kv", "all_reduce"};
   for (int i = 1; i < CUDA_OP_COUNT && c->stats == 2; i++)
     if (c->prof_n[i])
       fprintf(stderr, "cuda prof: %-14s %8ld calls %10.3f ms total %8.4f ms each\n", names[i],

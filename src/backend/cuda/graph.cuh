@@ -22,6 +22,7 @@ enum {
   CUDA_OP_NORM_GATE_UP,
   CUDA_OP_MATMUL_ADD,
   CUDA_OP_QK_ROPE_KV,
+  CUDA_OP_ALL_REDUCE,  /* a tensor-parallel all-reduce over NCCL, recorded with the step */
   CUDA_OP_COUNT
 };
 static_assert(CUDA_OP_COUNT <= 16, "cuda_ctx's per-op profile arrays hold 16 tags");
