@@ -21,6 +21,8 @@ extern "C" {
 #define CUDA_ATTN_ROWS 16
 #define CUDA_ATTN_TQ_COUNT 5 /* tile sizes 1, 2, 4, 8, 16 tokens */
 
+#define CUDA_PROF_TAGS 32 /* room for every CUDA_OP_ tag (graph.cuh checks) */
+
 /* What fixes every launch of a decode step (see graph.cu). */
 typedef struct {
   int n_tokens, n_seqs, max_blocks, n_logits, max_ctx;
@@ -103,10 +105,11 @@ typedef struct cuda_ctx {
   double step_t0;       /* host clock at step_begin */
   long n_steps, n_captures, n_replays;
   double gpu_ms, wall_ms;
-  /* TESSERA_CUDA_STATS=2 (eager only): host time per op family, each op synchronised. */
+  /* TESSERA_CUDA_STATS=2 (eager only): host time per op family (graph.cuh's tags), each op
+   * synchronised. */
   int prof_tag;
-  double prof_t, prof_ms[16];
-  long prof_n[16];
+  double prof_t, prof_ms[CUDA_PROF_TAGS];
+  long prof_n[CUDA_PROF_TAGS];
 } cuda_ctx;
 
 /* Records the first failure (printf-style) in the context. */

@@ -64,7 +64,7 @@ void cuda_prof_mark(cuda_ctx *c, int tag) {
   clock_gettime(CLOCK_MONOTONIC, &ts);
   double now = (double)ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
   /* Decode steps only (one token per sequence): prefill would swamp their figures. */
-  if (c->prof_tag > 0 && c->prof_tag < 16 && c->n_tokens == c->n_seqs) {
+  if (c->prof_tag > 0 && c->prof_tag < CUDA_OP_COUNT && c->n_tokens == c->n_seqs) {
     c->prof_ms[c->prof_tag] += now - c->prof_t;
     c->prof_n[c->prof_tag]++;
   }

@@ -25,7 +25,7 @@ enum {
   CUDA_OP_ALL_REDUCE,  /* a tensor-parallel all-reduce over NCCL, recorded with the step */
   CUDA_OP_COUNT
 };
-static_assert(CUDA_OP_COUNT <= 16, "cuda_ctx's per-op profile arrays hold 16 tags");
+static_assert(CUDA_OP_COUNT <= CUDA_PROF_TAGS, "cuda_ctx's profile arrays need a slot per tag");
 
 /* TESSERA_CUDA_STATS=2: charges the time since the previous op to that op (tag 0: none), in
  * decode steps. */
