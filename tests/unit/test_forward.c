@@ -416,7 +416,8 @@ static void test_synthetic(backend *be) {
       table[j] = t;
     }
     for (int tp = 1; tp <= 2; tp++) {
-      comm duo_comm[2] = {{&duo_ops, 0, 2, NULL}, {&duo_ops, 1, 2, NULL}};
+      comm duo_comm[2] = {{.ops = &duo_ops, .rank = 0, .size = 2},
+                          {.ops = &duo_ops, .rank = 1, .size = 2}};
       rank_job jobs[2];
       memset(jobs, 0, sizeof jobs);
       /* Each rank has its own backend, as each worker process does (a backend's thread pool
