@@ -71,26 +71,36 @@ def uni_ref(tessera, shared):
     return reqs, want
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
-def test_concurrent_pipeline_matches_uni(tessera, shared, uni_ref, tp, pp):
+def counts(results):
+    return [(u["prompt_tokens"], u["completion_tokens"]) for _, u in results]
+
+
+@pytest.mark.parametrize("tp,pp,extra", [
+    (1, 2, ()), (2, 2, ()), (1, 2, ("--no-enable-prefix-caching",)),
+    # A cache of about 40 blocks for 48 requests, 12 at a time: sequences wait and are preempted.
+    (1, 2, ("--kv-cache-memory", "480K", "--max-num-seqs", 12))])
+def test_concurrent_pipeline_matches_uni(tessera, shared, uni_ref, tp, pp, extra):
     reqs, want = uni_ref
     s = Serve(tessera, shared / STORIES, *ARGS, "--tensor-parallel-size", tp,
-              "--pipeline-parallel-size", pp)
+              "--pipeline-parallel-size", pp, *extra)
     try:
         before = metrics(s)
         got = texts(s, reqs, len(reqs))
         assert [g[0] for g in got] == [w[0] for w in want], s.text()
-        assert [g[1] for g in got] == [w[1] for w in want]
+        assert counts(got) == counts(want)
         # A second wave meets the first's prompts in the prefix cache: still the same texts.
         again = texts(s, reqs, 16)
         assert [g[0] for g in again] == [w[0] for w in want], s.text()
         m = wait_idle(s)
         # Every token of every response is counted once.
-        gen = sum(g[1]["completion_tokens"] for g in got + again)
-        prompt = sum(g[1]["prompt_tokens"] for g in got + again)
+        gen = sum(c for _, c in counts(got + again))
+        prompt = sum(p for p, _ in counts(got + again))
         assert m["tessera:generation_tokens_total"] - before["tessera:generation_tokens_total"] == gen
         assert m["tessera:prompt_tokens_total"] - before["tessera:prompt_tokens_total"] == prompt
-        assert m["tessera:prefix_cache_hits_total"] > before["tessera:prefix_cache_hits_total"]
+        hits = m["tessera:prefix_cache_hits_total"] - before["tessera:prefix_cache_hits_total"]
+        assert hits == 0 if "--no-enable-prefix-caching" in extra else hits > 0
+        if "--kv-cache-memory" in extra:
+            assert m["tessera:num_preemptions_total"] > 0
         assert s.health() == 200
     finally:
         s.stop()
