@@ -343,8 +343,11 @@ class Launcher:
         ray.cloudpickle.register_pickle_by_value(actor_mod)
         Host = ray.remote(num_cpus=0, max_concurrency=4, max_restarts=0)(actor_mod.WorkerHost)
         key, n = a.device_key, a.num_workers
+        # Ray takes GPUs only through num_gpus (resources={"GPU": ...} is refused); it then
+        # lists the actor's GPU among its accelerator ids and sets CUDA_VISIBLE_DEVICES itself.
+        unit_opt = {"num_gpus": 1} if key == "GPU" else {"resources": {key: 1.0}}
         for i in range(n):
-            h = Host.options(resources={key: 1.0}, scheduling_strategy=
+            h = Host.options(**unit_opt, scheduling_strategy=
                              PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                              name=None).remote(key)
             self.actors.append(h)

@@ -88,20 +88,26 @@ class RayCluster:
             # (how tessera and Ray pick a node's address) is then the node's own eth0.
             sh("ip", "-n", ns, "route", "add", "default", "dev", "eth0")
 
+    def ray_resources(self, i):
+        """Node i's `ray start` resource flags: GPUs through --num-gpus (Ray refuses "GPU" among
+        custom resources; with the flag it believes a node without GPUs has them)."""
+        res = dict(self.resources[i])
+        gpus = res.pop("GPU", None)
+        return ["--resources=%s" % json.dumps(res)] + (["--num-gpus=%d" % gpus] if gpus else [])
+
     def start(self, timeout=120):
         self.create_network()
         common = ["--object-store-memory=78643200", "--num-cpus=1", "--disable-usage-stats",
                   "--temp-dir=%s" % self.temp_dir]
         head = ["ray", "start", "--head", "--port=%d" % self.port, "--node-ip-address=%s" %
-                self.ips[0], "--include-dashboard=false",
-                "--resources=%s" % json.dumps(self.resources[0])] + common
+                self.ips[0], "--include-dashboard=false"] + self.ray_resources(0) + common
         r = subprocess.run(self.exec_argv(0, head), env=self.env(), capture_output=True,
                            text=True, timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError("ray start --head failed:\n" + r.stdout + r.stderr)
         for i in range(1, self.n):
             node = ["ray", "start", "--address=%s" % self.address, "--node-ip-address=%s" %
-                    self.ips[i], "--resources=%s" % json.dumps(self.resources[i])] + common
+                    self.ips[i]] + self.ray_resources(i) + common
             r = subprocess.run(self.exec_argv(i, node), env=self.env(), capture_output=True,
                                text=True, timeout=timeout)
             if r.returncode != 0:

@@ -29,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 PYDIR = ROOT / "python"
 PACK_UNITS = 3  # units of the pack-test key on node 1
 NODE_UNITS = 2  # units of "tessera_cpu" on each node: T=2 x P=2 fits across the two nodes
+NODE_GPUS = 2   # GPUs node 1 declares (it has none: the launcher's "GPU" path without devices)
 
 WORKER = r"""
 import json, os, sys, time
@@ -36,7 +37,7 @@ out, mode, var, secret_env = sys.argv[1:5]
 flags = sys.argv[5:]
 d = dict(zip(flags[::2], flags[1::2]))
 rec = {"flags": flags, "pid": os.getpid(), "ppid": os.getppid(), "dev": os.environ.get(var),
-       "secret": os.environ.get(secret_env),
+       "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "secret": os.environ.get(secret_env),
        "cmdline": open("/proc/self/cmdline", "rb").read().decode("utf-8", "replace")}
 tmp = os.path.join(out, "rank%s.tmp" % d["--rank"])
 with open(tmp, "w") as f:
@@ -76,7 +77,7 @@ def cluster(tmp_path_factory):
         pytest.skip(why)
     # A short temp dir: Ray's unix sockets live under it and their paths must stay < 108 bytes.
     c = netns.RayCluster([{"tessera_cpu": NODE_UNITS, "ts_head": 1},
-                          {"tessera_cpu": NODE_UNITS, "ts_pack": PACK_UNITS}],
+                          {"tessera_cpu": NODE_UNITS, "ts_pack": PACK_UNITS, "GPU": NODE_GPUS}],
                          tempfile.mkdtemp(prefix="tsray", dir="/tmp"))
     try:
         c.start()
@@ -234,6 +235,24 @@ def test_pack_numbers_units_on_one_node(cluster, tmp_path):
     finally:
         la.close_stdin()
         la.finish()
+        la.kill()
+
+
+def test_gpu_key_takes_rays_gpu_ids(cluster, tmp_path):
+    """Key "GPU" (what --device cuda uses): bundles and actors ask Ray for GPUs the way Ray
+    accepts them, each worker's unit is the GPU id Ray assigned (distinct on one node), and the
+    visibility variable the worker sees is that id."""
+    la = Launch(cluster, tmp_path, NODE_GPUS, key="GPU")
+    try:
+        placed = la.wait_ready()
+        assert {ip for ip, _ in placed.values()} == {cluster.ips[1]}
+        assert sorted(u for _, u in placed.values()) == [str(i) for i in range(NODE_GPUS)]
+        recs = la.records(NODE_GPUS)
+        for r, rec in recs.items():
+            assert rec["dev"] == placed[r][1]
+            assert rec["cuda"] == placed[r][1]  # Ray's own setting agrees with the unit
+    finally:
+        la.close_stdin()
         la.kill()
 
 
