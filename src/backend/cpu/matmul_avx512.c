@@ -1,8 +1,10 @@
-/* AVX-512 matmul for F32, F16 and BF16 weights, used in place (no float32 copy): a register tile
- * of 4 weight rows x up to 6 tokens (24 zmm accumulators) that widens each 16-element slice of
- * a weight row once and applies it to every token of the tile. Rows are cache-blocked: a block
- * of a thread's rows stays in L2 while every token tile passes over it, so a step reads each
- * weight from memory once whatever the number of tokens (prefill, or B decoded sequences).
+/* AVX-512 matmul for F32, F16 and BF16 weights: a register tile of 4 weight rows x up to 6 tokens
+ * (24 zmm accumulators). Below 8 tokens the tile reads the weights in place and widens each
+ * 16-element slice once for the tokens of the tile (decode: bound by the weight stream, which it
+ * prefetches a row tile ahead); from 8 tokens each L2 block of rows is widened to float32 once
+ * into thread scratch and every token tile runs on that. Rows are cache-blocked: a block of a
+ * thread's rows stays in L2 while every token tile passes over it, so a step reads each weight
+ * from memory once whatever the number of tokens (prefill, or B decoded sequences).
  *
  * Every (row, token) sum runs over k in the same 16-lane order with the same final reduction,
  * whatever the tile shape or the batch around it, so a token's output does not depend on its
@@ -68,13 +70,12 @@ TGT INL void tile(int wt, int T, const void *const *w, const float *x, int64_t l
 #pragma GCC unroll 4
     for (int r = 0; r < TILE_R; r++) acc[r][t] = _mm512_setzero_ps();
   int64_t i = 0;
-  /* Few tokens: the tile is bound by the weight stream, which the hardware prefetcher alone
-   * does not keep busy (four interleaved rows, page ends); fetch the next tile's rows. */
-  const int pf = T <= 2;
+  /* In place (fewer than WIDEN_MIN_TOKENS tokens, or float32 weights) the tile is bound by the
+   * weight stream, which the hardware prefetcher alone does not keep busy (four interleaved
+   * rows, page ends); fetch the next tile's rows. */
   const int esz = wt == W_F32 ? 4 : 2;
   const int64_t pfd = pf_distance(w);
   for (; i + 16 <= k; i += 16) {
-    if (pf)
 #pragma GCC unroll 4
       for (int r = 0; r < TILE_R; r++)
         _mm_prefetch((const char *)w[r] + i * esz + pfd, _MM_HINT_T0);
@@ -140,7 +141,7 @@ BF_TGT INL void tile_dp(int T, const void *const *w, const uint16_t *x, int64_t 
   const int64_t pfd = pf_distance(w);
   int64_t i = 0;
   for (; i < k; i += 32) {
-    if (T <= 2) {
+    {
       _mm_prefetch((const char *)(w0p + i) + pfd, _MM_HINT_T0);
       _mm_prefetch((const char *)(w1p + i) + pfd, _MM_HINT_T0);
       _mm_prefetch((const char *)(w2p + i) + pfd, _MM_HINT_T0);

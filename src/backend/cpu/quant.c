@@ -224,8 +224,8 @@ V512_TGT INL __m512i load_wpair(ts_dtype dt, const uint8_t *row, int64_t b, int 
       __m512i wv[QR];                                                                           \
       __m512 dw[QR];                                                                            \
       _Pragma("GCC unroll 4") for (int r = 0; r < QR; r++) {                                    \
-        if (T <= 2) /* weight-stream bound: fetch each row ahead */                            \
-          _mm_prefetch((const char *)a->w[r] + b * bsz + pfd, _MM_HINT_T0);                     \
+        /* the first token tile streams the rows from memory: fetch the next row tile */     \
+        _mm_prefetch((const char *)a->w[r] + b * bsz + pfd, _MM_HINT_T0);                       \
         wv[r] = load_wpair(DT, a->w[r], b, two, &dw[r]);                                        \
       }                                                                                         \
       _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {                                     \
