@@ -148,8 +148,12 @@ def test_disconnect_mid_pipeline_frees_blocks(tessera, shared, uni_ref):
                 sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
                               f"application/json\r\nContent-Length: {len(body)}\r\n\r\n"
                               f"{body}").encode())
-                if stream:
-                    assert sock.recv(100)  # generation has started
+                if stream:  # wait for the first token's event: generation has started
+                    got_bytes = b""
+                    while b"data: " not in got_bytes:
+                        chunk = sock.recv(4096)
+                        assert chunk, got_bytes
+                        got_bytes += chunk
                 cut.append(sock)
             for sock in cut:
                 sock.close()
