@@ -266,7 +266,7 @@ def gguf_vocab(tok_dir, vocab_size):
     for i in range(vocab_size):
         if i not in rev:
             tokens.append(f"[PAD{i}]")
-            types.append(4)  # USER_DEFINED
+            types.append(5)  # UNUSED
         elif i in special:
             tokens.append(rev[i])
             types.append(3 if special[i] else 4)  # CONTROL / USER_DEFINED

@@ -17,7 +17,13 @@ static const char LLAMA3_RE[] =
 static const char GPT2_RE[] =
     "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
 
-enum { GGUF_TOK_NORMAL = 1, GGUF_TOK_UNKNOWN = 2, GGUF_TOK_CONTROL = 3, GGUF_TOK_USER = 4 };
+enum {
+  GGUF_TOK_NORMAL = 1,
+  GGUF_TOK_UNKNOWN = 2,
+  GGUF_TOK_CONTROL = 3,
+  GGUF_TOK_USER = 4,
+  GGUF_TOK_UNUSED = 5, /* a placeholder such as [PAD151691]: no text, never matched */
+};
 
 /* Numeric array element i as int64/double, bounds-checked against the mapping. */
 static int arr_num(const gguf_file *g, const gguf_kv *kv, uint64_t i, double *out) {
@@ -98,9 +104,10 @@ static int load(struct tokenizer *t, const gguf_file *g, ts_err *err) {
   for (int32_t i = 0; i < n && !rc; i++) {
     clean.len = 0;
     rc = tok_utf8_lossy(&clean, strs[i].ptr, strs[i].len); /* pieces are text; keep them valid */
-    if (!rc) rc = tok_set_mpiece(t, i, clean.p ? clean.p : "", clean.len);
     double v = GGUF_TOK_NORMAL;
     if (!rc && tt && (rc = arr_num(g, tt, (uint64_t)i, &v))) rc = ts_errorf(err, rc, "bad token_type[%d]", i);
+    /* An unused id decodes to nothing, as an id outside tokenizer.json's vocabulary does. */
+    if (!rc && v != GGUF_TOK_UNUSED) rc = tok_set_mpiece(t, i, clean.p ? clean.p : "", clean.len);
     if (!rc && llama) {
       double s;
       if ((rc = arr_num(g, sc, (uint64_t)i, &s))) rc = ts_errorf(err, rc, "bad scores[%d]", i);
