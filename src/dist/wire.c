@@ -551,7 +551,9 @@ int wire_decode_step(const uint8_t *p, size_t n, wire_step *out, ts_err *err) {
   int sample = (out->flags & WIRE_STEP_SAMPLE) != 0;
   if (out->flags & ~(uint32_t)WIRE_STEP_SAMPLE)
     return ts_errorf(err, TS_EPROTO, "STEP has unknown flags 0x%x", out->flags);
-  if (sample ? words * 4 > wire_reader_left(&r) : !words_fit(words, 4, &r))
+  /* Sampled steps carry their rows after the batch: the batch's words must fit, without the
+   * byte count wrapping around (words can approach 2^62). */
+  if (sample ? words > wire_reader_left(&r) / 4 : !words_fit(words, 4, &r))
     return ts_errorf(err, TS_EPROTO, "STEP counts need %llu words, payload has %zu bytes",
                      (unsigned long long)words, wire_reader_left(&r));
   int32_t *mem = malloc((size_t)words * 4);

@@ -251,15 +251,15 @@ static void test_steps(test_rng *r) {
   free(ob.mem);
   /* Counts whose byte size wraps around 2^64 onto the payload size: (2^31-1)^2 block-table
    * entries plus the rest come to 2^62 + 3 words, "12 bytes" modulo 2^64. */
-  for (int extra = 0; extra < 2; extra++) {
+  for (int extra = 0; extra < 4; extra++) {
     wire_buf_reset(&w);
     wire_put_u64(&w, test_rng_next(r));
-    wire_put_u32(&w, 0);
+    wire_put_u32(&w, extra < 2 ? 0 : WIRE_STEP_SAMPLE); /* sampled steps take another path */
     wire_put_i32(&w, 0);
     wire_put_i32(&w, INT32_MAX);
     wire_put_i32(&w, INT32_MAX);
     wire_put_i32(&w, 3);
-    for (int i = 0; i < 3 + extra; i++) wire_put_i32(&w, (int32_t)rnd(r, 5));
+    for (int i = 0; i < 3 + extra % 2; i++) wire_put_i32(&w, (int32_t)rnd(r, 5));
     wire_step s;
     CHECK(wire_decode_step(w.data, w.len, &s, &err) == TS_EPROTO);
   }
