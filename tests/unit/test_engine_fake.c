@@ -28,21 +28,6 @@ typedef struct {
   long tokens_computed;
 } fake_impl;
 
-/* Random seeds, replayable: TESSERA_TEST_SEED=<printed seed>. */
-static uint64_t test_seed(uint64_t salt) {
-  const char *s = getenv("TESSERA_TEST_SEED");
-  uint64_t v = s ? strtoull(s, NULL, 0) : ((uint64_t)getpid() * 0x9e3779b97f4a7c15ull) ^ salt;
-  fprintf(stderr, "seed %llu\n", (unsigned long long)v);
-  return v | 1;
-}
-
-static uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 static int fake_init_kv(executor *ex, int block_size, int64_t bytes, int n_blocks, int *out,
                         ts_err *err) {
   fake_impl *f = ex->impl;
@@ -83,10 +68,10 @@ static int fake_step(executor *ex, uint64_t step_id, const ts_batch *b, float *l
       for (int p = 0; p < b->ctx_len[s]; p++) {
         int blk = bt[p / bs];
         if (f->pos[blk * bs + p % bs] != p) return ts_errorf(err, TS_EINVAL, "fake: stale KV at %d", p);
-        h = mix64(h ^ (uint64_t)f->tok[blk * bs + p % bs]);
+        h = test_mix64(h ^ (uint64_t)f->tok[blk * bs + p % bs]);
       }
       float *out = logits + (size_t)row * VOCAB;
-      for (int v = 0; v < VOCAB; v++) out[v] = (float)(mix64(h + (uint64_t)v) >> 40) / 16777216.0f * 6.0f;
+      for (int v = 0; v < VOCAB; v++) out[v] = (float)(test_mix64(h + (uint64_t)v) >> 40) / 16777216.0f * 6.0f;
       row++;
     }
   }

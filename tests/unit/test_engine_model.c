@@ -20,13 +20,6 @@ static backend *g_be;
 static model *g_m;
 static tokenizer *g_tok;
 
-static uint64_t test_seed(uint64_t salt) {
-  const char *s = getenv("TESSERA_TEST_SEED");
-  uint64_t v = s ? strtoull(s, NULL, 0) : ((uint64_t)getpid() * 0x9e3779b97f4a7c15ull) ^ salt;
-  fprintf(stderr, "seed %llu\n", (unsigned long long)v);
-  return v | 1;
-}
-
 /* ---- events ---- */
 
 typedef struct {

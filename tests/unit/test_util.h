@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 static int test_failures_ = 0;
 static int test_checks_ = 0;
@@ -50,6 +51,22 @@ static inline uint64_t test_rng_next(test_rng *r) {
   x ^= x << 17;
   return r->s = x;
 }
+/* A random seed, printed so that TESSERA_TEST_SEED=<seed> replays the run; never 0. */
+static inline uint64_t test_seed(uint64_t salt) {
+  const char *s = getenv("TESSERA_TEST_SEED");
+  uint64_t v = s ? strtoull(s, NULL, 0) : ((uint64_t)getpid() * 0x9e3779b97f4a7c15ull) ^ salt;
+  fprintf(stderr, "seed %llu\n", (unsigned long long)v);
+  return v | 1;
+}
+
+/* splitmix64's finaliser: a well-mixed hash of x. */
+static inline uint64_t test_mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
 /* Uniform in [-1, 1). */
 static inline float test_rng_float(test_rng *r) {
   return (float)((test_rng_next(r) >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
