@@ -12,19 +12,12 @@ typedef struct {
   int kv_ready;
 } uni_impl;
 
-/* Bytes of one KV block over every local layer, K and V, in the backend's cache dtype. */
-static int64_t uni_block_bytes(const model *m, int block_size) {
-  int n_kv_l = m->cfg.n_kv_head / (m->shard.tp_size > 0 ? m->shard.tp_size : 1);
-  return 2 * (int64_t)ts_dtype_bytes(kv_cache_dtype(m->be),
-                                     (int64_t)m->w.n_layers * block_size * n_kv_l * m->cfg.head_dim);
-}
-
 static int uni_init_kv(executor *ex, int block_size, int64_t kv_cache_bytes, int n_blocks,
                        int *n_blocks_out, ts_err *err) {
   uni_impl *u = ex->impl;
   if (u->kv_ready) return ts_errorf(err, TS_EINVAL, "executor: the KV cache is already allocated");
   if (block_size <= 0) return ts_errorf(err, TS_EINVAL, "executor: block size %d must be > 0", block_size);
-  int64_t per_block = uni_block_bytes(u->m, block_size);
+  int64_t per_block = model_kv_bytes(u->m, block_size);
   if (n_blocks <= 0) {
     if (per_block <= 0) return ts_errorf(err, TS_EINVAL, "executor: the model has no KV heads");
     int64_t nb = kv_cache_bytes / per_block;
@@ -110,7 +103,7 @@ int executor_uni_create(executor **out, model *m, ts_err *err) {
   ex->info.vocab_size = m->cfg.vocab_size;
   ex->info.max_pos = m->cfg.max_pos;
   ex->info.max_tokens = m->max_tokens;
-  ex->info.kv_bytes_per_token = uni_block_bytes(m, 1);
+  ex->info.kv_bytes_per_token = model_kv_bytes(m, 1);
   ex->info.bos_id = m->cfg.bos_id;
   ex->info.n_eos = m->cfg.n_eos < MODEL_MAX_EOS ? m->cfg.n_eos : MODEL_MAX_EOS;
   for (int i = 0; i < ex->info.n_eos; i++) ex->info.eos_ids[i] = m->cfg.eos_ids[i];

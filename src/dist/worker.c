@@ -230,11 +230,7 @@ static int send_info(worker *w, ts_err *err) {
                   .max_tokens = m->max_tokens,
                   .bos_id = m->cfg.bos_id,
                   .n_eos = m->cfg.n_eos < WIRE_MAX_EOS ? m->cfg.n_eos : WIRE_MAX_EOS};
-  /* In the cache's own element type (bf16 on CUDA for a 16-bit model), as the uni executor. */
-  in.kv_bytes_per_token =
-      2 * (int64_t)ts_dtype_bytes(kv_cache_dtype(w->be), (int64_t)m->w.n_layers *
-                                                             (m->cfg.n_kv_head / w->cfg->tp) *
-                                                             m->cfg.head_dim);
+  in.kv_bytes_per_token = model_kv_bytes(m, 1);
   for (int i = 0; i < in.n_eos; i++) in.eos_ids[i] = m->cfg.eos_ids[i];
   /* A device sampler needs the whole model in one stage (model_forward_sample). */
   in.can_sample = w->cfg->pp == 1 && w->be->ops->sample != NULL;

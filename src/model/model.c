@@ -121,6 +121,12 @@ fail:
   return rc;
 }
 
+int64_t model_kv_bytes(const model *m, int64_t tokens) {
+  int n_kv_l = m->cfg.n_kv_head / (m->shard.tp_size > 0 ? m->shard.tp_size : 1);
+  return 2 * (int64_t)ts_dtype_bytes(kv_cache_dtype(m->be), (int64_t)m->w.n_layers * tokens *
+                                                                n_kv_l * m->cfg.head_dim);
+}
+
 void model_free(model *m) {
   if (!m) return;
   forward_scratch_free(m);

@@ -31,6 +31,10 @@ int model_load(model **out, const char *path, const model_shard *shard, backend 
                int max_tokens, ts_err *err);
 void model_free(model *m);
 
+/* Bytes of K and V that `tokens` tokens take in this shard's KV cache (its layers and KV heads,
+ * in the backend's cache dtype). */
+int64_t model_kv_bytes(const model *m, int64_t tokens);
+
 /* Runs one step. First stage: embeds b->tokens; otherwise reads hidden_in [n_tokens][d_model].
  * Last stage: writes logits [b->n_logits][vocab_size] (host memory); otherwise writes hidden_out
  * [n_tokens][d_model] (host memory). Unused pointers may be NULL. */
