@@ -531,7 +531,8 @@ static int select_items(jrender *r, int line, jv seq, const jargs *a, int use_at
     if (test < 0) return jr_fail(r, line, "unsupported test '%.60s'", a->pos[k].u.s->s);
     k++;
   }
-  jargs targs = {.pos = a->pos + k, .npos = a->npos - k};
+  /* A call with no arguments has no array at all (pos is NULL): no pointer arithmetic on it. */
+  jargs targs = {.pos = a->npos > k ? a->pos + k : NULL, .npos = a->npos - k};
   for (size_t i = 0; i < items->n; i++) {
     jv v = items->v[i];
     if (attr) TS_TRY(jinja_attr_get(r, line, v, attr, &v));
