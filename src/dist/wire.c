@@ -398,9 +398,10 @@ int wire_batch_validate(const ts_batch *b, ts_err *err) {
       return ts_errorf(err, TS_EPROTO, "step plan seq_start spans [%d, %d), not [0, %d)",
                        b->seq_start[0], b->seq_start[b->n_seqs], b->n_tokens);
     for (int s = 0; s < b->n_seqs; s++) {
-      int len = b->seq_start[s + 1] - b->seq_start[s];
+      /* Order first: the difference of a decreasing pair can overflow. */
       if (b->seq_start[s + 1] < b->seq_start[s])
         return ts_errorf(err, TS_EPROTO, "step plan seq_start decreases at sequence %d", s);
+      int len = b->seq_start[s + 1] - b->seq_start[s];
       if (b->ctx_len[s] < len)
         return ts_errorf(err, TS_EPROTO, "sequence %d: ctx_len %d < its %d new tokens", s,
                          b->ctx_len[s], len);
