@@ -517,11 +517,15 @@ static void test_kv_epoch(void) {
   }
   for (int spin = 0; spin < 200000 && events_now(&got[0]) < 2; spin++) usleep(50);
   __atomic_add_fetch(&g_ex->kv_epoch, 1, __ATOMIC_RELEASE);
+  /* Read after the loss: a descheduled test thread can get here after the last request ended. */
+  pthread_mutex_lock(&g_mu);
+  int live = g_done < total;
+  pthread_mutex_unlock(&g_mu);
   wait_done(total);
   check_idle(e, "kv epoch");
   int errors = 0;
   for (int q = 0; q < NREQ; q++) errors += got[q].ch[0].finish == ENGINE_FINISH_ERROR;
-  CHECK(errors > 0);
+  CHECK_MSG(errors > 0 || !live, "requests were live at the cache loss, none failed");
   ((pfake *)g_ex->impl)->delay_us = 0;
   run_all(e, g_specs, NREQ, again, 0);
   check_idle(e, "after kv epoch");
