@@ -33,7 +33,6 @@ static void cpu_copy(void *ctx, void *dst, const void *src, size_t bytes) {
 }
 
 static int cpu_weight_prepare(void *ctx, ts_tensor *t, ts_err *err) {
-  (void)ctx;
   if (!ts_tensor_present(t)) return 0;
   if (!cpu_dtype_supported(t->dtype))
     return ts_errorf(err, TS_EUNSUPPORTED,
@@ -44,8 +43,10 @@ static int cpu_weight_prepare(void *ctx, ts_tensor *t, ts_err *err) {
   if (inner % ts_dtype_table[t->dtype].block_elems != 0)
     return ts_errorf(err, TS_EFORMAT, "row of %lld elements is not a whole number of %s blocks",
                      (long long)inner, ts_dtype_table[t->dtype].name);
-  return 0;
+  return cpu_quant_prepare(ctx, t, err);
 }
+
+static void cpu_weight_release(void *ctx, ts_tensor *t) { cpu_quant_release(ctx, t); }
 
 int cpu_scratch_reserve(cpu_ctx *c, size_t n) {
   if (n <= c->scratch_per_thread) return 0;
@@ -161,8 +162,9 @@ static void embed_rows(void *arg, int64_t t0, int64_t t1, int thread) {
   (void)thread;
   embed_job *j = arg;
   for (int64_t t = t0; t < t1; t++)
-    cpu_row_to_f32(j->c, j->table->dtype, cpu_weight_row(j->table, j->c->tokens[t]), j->d,
-                   j->out + (size_t)t * j->d);
+    if (!cpu_quant_packed_row_f32(j->c, j->table, j->c->tokens[t], j->d, j->out + (size_t)t * j->d))
+      cpu_row_to_f32(j->c, j->table->dtype, cpu_weight_row(j->table, j->c->tokens[t]), j->d,
+                     j->out + (size_t)t * j->d);
 }
 
 static void cpu_embed(void *ctx, const ts_tensor *table, int n, int d, float *out) {
@@ -220,7 +222,7 @@ static const backend_ops cpu_ops = {
     .upload = cpu_copy,
     .download = cpu_copy,
     .weight_prepare = cpu_weight_prepare,
-    .weight_release = NULL,
+    .weight_release = cpu_weight_release,
     .step_begin = cpu_step_begin,
     .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,
@@ -277,6 +279,7 @@ static void cpu_destroy(backend *b) {
     free(c->rope_sin);
     free(c->scratch);
     free(c->act);
+    cpu_quant_free(c);
     free(c);
   }
   free(b);

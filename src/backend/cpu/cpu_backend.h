@@ -54,6 +54,8 @@ typedef struct {
   /* Activations quantized for the Q8_0/Q4_0 kernels, shared by the threads of one matmul. */
   void *act;
   size_t cap_act;
+  /* Q8_0/Q4_0 weights repacked at load for the VNNI kernels (quant.c). */
+  struct cpu_qpack *qpack;
 } cpu_ctx;
 
 /* Creates the CPU backend with `threads` threads (0 = all cores). */
@@ -120,6 +122,19 @@ void cpu_quantize_act(const float *x, int64_t k, int8_t *q, float *d);
 /* The whole matmul for a Q8_0/Q4_0 weight; returns 0 (nothing done) for other dtypes. */
 int cpu_matmul_quant(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias,
                      int n, float *y);
+/* Where the CPU has AVX-512 VNNI (and TESSERA_CPU_QREPACK is not 0), rewrites a Q8_0/Q4_0 weight
+ * into 16-row interleaved groups of the same size class (quant.c describes the layout): t->data
+ * then points to a buffer the backend owns until cpu_quant_release puts the view back. 0 or an
+ * error; a weight it does not repack is left as it was. */
+int cpu_quant_prepare(cpu_ctx *c, ts_tensor *t, ts_err *err);
+void cpu_quant_release(cpu_ctx *c, ts_tensor *t);
+void cpu_quant_free(cpu_ctx *c); /* every repacked buffer still held */
+/* Row r of a repacked weight as the file's blocks (row bytes) or as n float32 (the values
+ * cpu_row_to_f32 gives for the file's row); both return 0, doing nothing, when t is not
+ * repacked. */
+int cpu_quant_packed_row(const cpu_ctx *c, const ts_tensor *t, int64_t r, void *blocks);
+int cpu_quant_packed_row_f32(const cpu_ctx *c, const ts_tensor *t, int64_t r, int64_t n,
+                             float *dst);
 
 /* Op entry points (the backend_ops slots). */
 void cpu_matmul(void *ctx, const float *x, const ts_tensor *w, const ts_tensor *bias, int n,

@@ -1,12 +1,14 @@
-/* Quantized matmul for GGUF Q8_0 and Q4_0 weights, read in place: the activations are quantized
- * on the fly to blocks of 32 int8 with one float scale (d = max|x| / 127, q = round-to-even of
- * x / d), and each block pair contributes d_w * d_x * sum(q_w * q_x) with an exact integer sum.
- * Kernels: portable C, AVX2 (maddubs on |w| and sign-transferred x), AVX-512 VNNI (vpdpbusd on
- * two blocks per 512-bit register, offsets folded into the dot product's start), NEON (widening
- * multiplies). A register tile of 4 weight rows x up to 4 tokens
- * unpacks each weight block once for every token of the tile; every (row, token) sum runs over
- * the blocks in the same order whatever the tile, so a token's result does not depend on the
- * batch around it. */
+/* Quantized matmul for GGUF Q8_0 and Q4_0 weights: the activations are quantized on the fly to
+ * blocks of 32 int8 with one float scale (d = max|x| / 127, q = round-to-even of x / d), and each
+ * block pair contributes d_w * d_x * sum(q_w * q_x) with an exact integer sum.
+ * Weights in the file's layout: portable C, AVX2 (maddubs on |w| and sign-transferred x),
+ * AVX-512 VNNI (vpdpbusd on two blocks per 512-bit register), NEON (widening multiplies); a
+ * register tile of 4 weight rows x up to 4 tokens unpacks each weight block once for every token.
+ * Weights repacked at load (cpu_quant_prepare, on CPUs with AVX-512 VNNI): 16 rows interleaved
+ * per block so that one vpdpbusd of a broadcast 4-byte group of x gives 16 rows' partial sums;
+ * the lower kernel levels unpack such a weight back to the file's blocks a group at a time.
+ * Every (row, token) sum runs over the blocks in the same order whatever the tile, so a token's
+ * result does not depend on the batch around it. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -302,6 +304,164 @@ static void tile_neon(const qtile *a, float out[QT][QR]) {
 }
 #endif
 
+/* ---- repacked weights ------------------------------------------------------------------
+ * A Q8_0/Q4_0 weight [m][k] becomes ceil(m/16) groups of 16 rows (the last padded with zero
+ * rows), each group its k/32 blocks in order; one group-block is 16 file blocks' bytes:
+ *   [16] f16 scales of the group's rows (kept f16: the same bytes as the file, converted 16 at a
+ *        time by one vcvtph2ps)
+ *   Q8_0: [8][16][4] u8: chunk c, row r, byte i = w[r][4c + i] + 128
+ *   Q4_0: [4][16][4] u8: chunk c, row r, byte i = the file's quant byte 4c + i of row r (low
+ *        nibble: element 4c + i, high: 16 + 4c + i), so one and / shift of a chunk gives the
+ *        unsigned weights of elements 4c.. and 16 + 4c.. for all 16 rows. */
+
+#define QP_ROWS 16 /* rows of a group: the 16 int32 lanes of a zmm */
+#define QP_TT 8    /* tokens of a repacked tile (one weight load serves them all) */
+
+typedef struct {
+  void *packed;
+  void *orig;
+  int64_t orig_stride;
+} qpack_entry;
+
+struct cpu_qpack {
+  qpack_entry *e;
+  int n, cap;
+};
+
+/* Bytes of one group-block: 16 of the dtype's blocks. */
+static size_t qp_gblock(ts_dtype dt) { return (size_t)QP_ROWS * ts_dtype_table[dt].block_bytes; }
+
+static const qpack_entry *qp_find(const cpu_ctx *c, const void *data) {
+  if (!c->qpack || !data) return NULL;
+  for (int i = 0; i < c->qpack->n; i++)
+    if (c->qpack->e[i].packed == data) return &c->qpack->e[i];
+  return NULL;
+}
+
+/* File block b of row r (within its group) from group-block gb, and the reverse. */
+static void qp_unpack_block(ts_dtype dt, const uint8_t *gb, int r, uint8_t *out) {
+  memcpy(out, gb + 2 * r, 2);
+  const uint8_t *q = gb + 2 * QP_ROWS;
+  int chunks = dt == TS_Q8_0 ? 8 : 4;
+  for (int ch = 0; ch < chunks; ch++)
+    for (int i = 0; i < 4; i++) {
+      uint8_t v = q[ch * 64 + r * 4 + i];
+      out[2 + ch * 4 + i] = dt == TS_Q8_0 ? (uint8_t)(v ^ 0x80) : v;
+    }
+}
+
+static void qp_pack_block(ts_dtype dt, const uint8_t *blk, int r, uint8_t *gb) {
+  memcpy(gb + 2 * r, blk, 2);
+  uint8_t *q = gb + 2 * QP_ROWS;
+  int chunks = dt == TS_Q8_0 ? 8 : 4;
+  for (int ch = 0; ch < chunks; ch++)
+    for (int i = 0; i < 4; i++) {
+      uint8_t v = blk[2 + ch * 4 + i];
+      q[ch * 64 + r * 4 + i] = dt == TS_Q8_0 ? (uint8_t)(v ^ 0x80) : v;
+    }
+}
+
+typedef struct {
+  const ts_tensor *src;
+  uint8_t *dst;
+} qp_pack_job;
+
+static void qp_pack_groups(void *arg, int64_t g0, int64_t g1, int thread) {
+  (void)thread;
+  qp_pack_job *j = arg;
+  const ts_dtype dt = j->src->dtype;
+  const int64_t m = j->src->shape[0], nb = j->src->shape[1] / 32;
+  const int bb = ts_dtype_table[dt].block_bytes;
+  /* Padding rows: scale 0 and weight 0 (stored w + 128 / w + 8). */
+  uint8_t zero[34] = {0};
+  memset(zero + 2, dt == TS_Q8_0 ? 0 : 0x88, sizeof zero - 2);
+  for (int64_t g = g0; g < g1; g++)
+    for (int r = 0; r < QP_ROWS; r++) {
+      int64_t row = g * QP_ROWS + r;
+      const uint8_t *src = row < m ? cpu_weight_row(j->src, row) : NULL;
+      for (int64_t b = 0; b < nb; b++)
+        qp_pack_block(dt, src ? src + b * bb : zero, r,
+                      j->dst + (size_t)(g * nb + b) * qp_gblock(dt));
+    }
+}
+
+int cpu_quant_prepare(cpu_ctx *c, ts_tensor *t, ts_err *err) {
+  if (!cpu_quant_supported(t->dtype) || t->ndim != 2 || c->isa_max < CPU_ISA_VNNI) return 0;
+  const char *env = getenv("TESSERA_CPU_QREPACK"); /* 0: keep the file's layout (A/B runs) */
+  if (env && strcmp(env, "0") == 0) return 0;
+  const int64_t m = t->shape[0], k = t->shape[1];
+  if (m <= 0 || k <= 0 || k % 32) return 0;
+  if (qp_find(c, t->data)) return 0; /* already ours (a view prepared twice) */
+  const int64_t groups = (m + QP_ROWS - 1) / QP_ROWS;
+  size_t bytes = (size_t)groups * (size_t)(k / 32) * qp_gblock(t->dtype);
+  struct cpu_qpack *set = c->qpack;
+  if (!set && !(set = c->qpack = calloc(1, sizeof *set)))
+    return ts_errorf(err, TS_ENOMEM, "out of memory repacking a weight");
+  if (set->n == set->cap) {
+    int cap = set->cap ? set->cap * 2 : 64;
+    qpack_entry *e = realloc(set->e, (size_t)cap * sizeof *e);
+    if (!e) return ts_errorf(err, TS_ENOMEM, "out of memory repacking a weight");
+    set->e = e;
+    set->cap = cap;
+  }
+  void *p = NULL;
+  if (posix_memalign(&p, 64, bytes) != 0)
+    return ts_errorf(err, TS_ENOMEM, "out of memory repacking a %lld x %lld %s weight (%zu bytes)",
+                     (long long)m, (long long)k, ts_dtype_table[t->dtype].name, bytes);
+  qp_pack_job j = {t, p};
+  threadpool_parallel_for(c->pool, groups, 16, qp_pack_groups, &j);
+  set->e[set->n++] = (qpack_entry){p, t->data, t->row_stride};
+  t->data = p;
+  t->row_stride = k;
+  return 0;
+}
+
+void cpu_quant_release(cpu_ctx *c, ts_tensor *t) {
+  struct cpu_qpack *set = c->qpack;
+  if (!set) return;
+  for (int i = 0; i < set->n; i++)
+    if (set->e[i].packed == t->data) {
+      t->data = set->e[i].orig;
+      t->row_stride = set->e[i].orig_stride;
+      free(set->e[i].packed);
+      set->e[i] = set->e[--set->n];
+      return;
+    }
+}
+
+void cpu_quant_free(cpu_ctx *c) {
+  struct cpu_qpack *set = c->qpack;
+  if (!set) return;
+  for (int i = 0; i < set->n; i++) free(set->e[i].packed);
+  free(set->e);
+  free(set);
+  c->qpack = NULL;
+}
+
+int cpu_quant_packed_row(const cpu_ctx *c, const ts_tensor *t, int64_t r, void *blocks) {
+  if (!qp_find(c, t->data)) return 0;
+  const int64_t nb = t->shape[1] / 32;
+  const int bb = ts_dtype_table[t->dtype].block_bytes;
+  const uint8_t *g = (const uint8_t *)t->data + (size_t)(r / QP_ROWS) * nb * qp_gblock(t->dtype);
+  for (int64_t b = 0; b < nb; b++)
+    qp_unpack_block(t->dtype, g + (size_t)b * qp_gblock(t->dtype), (int)(r % QP_ROWS),
+                    (uint8_t *)blocks + b * bb);
+  return 1;
+}
+
+int cpu_quant_packed_row_f32(const cpu_ctx *c, const ts_tensor *t, int64_t r, int64_t n,
+                             float *dst) {
+  if (!qp_find(c, t->data)) return 0;
+  const int64_t nb = t->shape[1] / 32;
+  const uint8_t *g = (const uint8_t *)t->data + (size_t)(r / QP_ROWS) * nb * qp_gblock(t->dtype);
+  for (int64_t b = 0; b < n / 32 && b < nb; b++) {
+    uint8_t blk[34];
+    qp_unpack_block(t->dtype, g + (size_t)b * qp_gblock(t->dtype), (int)(r % QP_ROWS), blk);
+    cpu_row_to_f32(c, t->dtype, blk, 32, dst + b * 32); /* the same values as the file's row */
+  }
+  return 1;
+}
+
 /* ---- the matmul ------------------------------------------------------------------------- */
 
 typedef struct {
@@ -311,7 +471,8 @@ typedef struct {
   const float *xd;  /* [n][k/32] */
   const float *x;   /* [n][k] float activations (quantized by the first parallel pass) */
   int64_t n, k, m;
-  float *y; /* [n][m] */
+  float *y;         /* [n][m] */
+  int32_t *xc;      /* [n][k/32] -off * sum(q) per block for the repacked kernels, or NULL */
 } qmm_job;
 
 #if Q_X86
@@ -337,17 +498,24 @@ V512_TGT static void quantize_act_avx512(const float *x, int64_t k, int8_t *q, f
 static void quantize_rows(void *arg, int64_t t0, int64_t t1, int thread) {
   (void)thread;
   qmm_job *j = arg;
+  const int64_t nb = j->k / 32;
+  const int32_t off = j->w->dtype == TS_Q8_0 ? 128 : 8;
   for (int64_t t = t0; t < t1; t++) {
     const float *x = j->x + t * j->k;
     int8_t *q = (int8_t *)j->xq + t * j->k;
-    float *d = (float *)j->xd + t * (j->k / 32);
+    float *d = (float *)j->xd + t * nb;
 #if Q_X86
-    if (j->c->simd >= CPU_ISA_AVX512) {
+    if (j->c->simd >= CPU_ISA_AVX512)
       quantize_act_avx512(x, j->k, q, d);
-      continue;
-    }
+    else
 #endif
-    cpu_quantize_act(x, j->k, q, d);
+      cpu_quantize_act(x, j->k, q, d);
+    if (!j->xc) continue;
+    for (int64_t b = 0; b < nb; b++) {
+      int32_t s = 0;
+      for (int i = 0; i < 32; i++) s += q[b * 32 + i];
+      j->xc[t * nb + b] = -off * s;
+    }
   }
 }
 
@@ -423,25 +591,190 @@ static void qmm_rows(void *arg, int64_t r0, int64_t r1, int thread) {
   }
 }
 
+/* A repacked weight below the VNNI level: each group back to the file's blocks in thread
+ * scratch, then the layout-free kernels on that view. */
+static void qp_rows_unpacked(void *arg, int64_t g0, int64_t g1, int thread) {
+  qmm_job *j = arg;
+  const ts_dtype dt = j->w->dtype;
+  const size_t row_bytes = ts_dtype_bytes(dt, j->k);
+  uint8_t *buf = (uint8_t *)cpu_scratch(j->c, thread); /* [16][row_bytes] */
+  for (int64_t g = g0; g < g1; g++) {
+    int64_t r0 = g * QP_ROWS;
+    int nr = (int)(j->m - r0 < QP_ROWS ? j->m - r0 : QP_ROWS);
+    for (int r = 0; r < nr; r++) cpu_quant_packed_row(j->c, j->w, r0 + r, buf + r * row_bytes);
+    ts_tensor v = {.data = buf, .dtype = dt, .ndim = 2, .shape = {nr, j->k}, .row_stride = j->k};
+    ts_tensor bv;
+    qmm_job jj = *j;
+    jj.w = &v;
+    jj.y = j->y + r0;
+    if (j->bias && ts_tensor_present(j->bias)) {
+      bv = *j->bias;
+      bv.data = (char *)bv.data + ts_dtype_bytes(bv.dtype, r0);
+      jj.bias = &bv;
+    }
+    qmm_rows(&jj, 0, nr, thread);
+  }
+}
+
+#if Q_X86
+/* Prefetch distance in the weight stream of a repacked tile: the group-blocks of a thread's
+ * groups are one contiguous stream. */
+#define QP_PFD 4096
+
+/* One group of 16 rows x T tokens over all k/32 blocks, per block and token: 8 vpdpbusd of the
+ * 16 rows' chunks against broadcast 4-byte groups of x, starting from -off * sum(x) (two chains
+ * of exact int32 sums, added), then one convert, one scale product (16 row scales x the token's
+ * scale) and one FMA into the token's 16 row accumulators. */
+#define QP_BODY(T, DT)                                                                          \
+  do {                                                                                          \
+    const size_t gbb = (DT) == TS_Q8_0 ? 544 : 288;                                             \
+    __m512 acc[T];                                                                              \
+    _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();           \
+    for (int64_t b = 0; b < nb; b++) {                                                          \
+      const uint8_t *p = wg + (size_t)b * gbb;                                                  \
+      if (pf)                                                                                   \
+        _Pragma("GCC unroll 9") for (size_t l = 0; l < (gbb + 63) / 64; l++)                    \
+            _mm_prefetch((const char *)p + QP_PFD + 64 * l, _MM_HINT_T0);                       \
+      const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));               \
+      __m512i wv[8];                                                                            \
+      if ((DT) == TS_Q8_0) {                                                                    \
+        _Pragma("GCC unroll 8") for (int ch = 0; ch < 8; ch++) wv[ch] =                         \
+            _mm512_loadu_si512((const void *)(p + 32 + 64 * ch));                               \
+      } else {                                                                                  \
+        const __m512i m4 = _mm512_set1_epi8(15);                                                \
+        _Pragma("GCC unroll 4") for (int ch = 0; ch < 4; ch++) {                                \
+          __m512i v = _mm512_loadu_si512((const void *)(p + 32 + 64 * ch));                     \
+          wv[ch] = _mm512_and_si512(v, m4);                                                     \
+          wv[ch + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);                           \
+        }                                                                                       \
+      }                                                                                         \
+      _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                                     \
+        const int8_t *xb = xq + t * k + b * 32;                                                 \
+        int32_t xw[8];                                                                          \
+        memcpy(xw, xb, 32);                                                                     \
+        __m512i s0 = _mm512_set1_epi32(xc[t * nb + b]), s1 = _mm512_setzero_si512();            \
+        /* Q4_0 chunk order: elements 0-3, 4-7, 8-11, 12-15 (low nibbles), then 16-19 ... */    \
+        _Pragma("GCC unroll 4") for (int ch = 0; ch < 8; ch += 2) {                             \
+          s0 = _mm512_dpbusd_epi32(s0, wv[ch], _mm512_set1_epi32(xw[ch]));                      \
+          s1 = _mm512_dpbusd_epi32(s1, wv[ch + 1], _mm512_set1_epi32(xw[ch + 1]));              \
+        }                                                                                       \
+        __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(xd[t * nb + b]));                          \
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc, acc[t]);     \
+      }                                                                                         \
+    }                                                                                           \
+    const __m512 bv = _mm512_loadu_ps(bias);                                                    \
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);                                         \
+    _Pragma("GCC unroll 8") for (int t = 0; t < T; t++)                                         \
+        _mm512_mask_storeu_ps(y + t * m, keep, _mm512_add_ps(acc[t], bv));                      \
+  } while (0)
+
+typedef void (*qp_fn)(const uint8_t *wg, int64_t nb, const int8_t *xq, int64_t k, const float *xd,
+                      const int32_t *xc, float *y, int64_t m, int nr, const float *bias, int pf);
+
+#define QP_FN(name, T, DT)                                                                      \
+  V512_TGT static void name(const uint8_t *wg, int64_t nb, const int8_t *xq, int64_t k,         \
+                            const float *xd, const int32_t *xc, float *y, int64_t m, int nr,    \
+                            const float *bias, int pf) {                                        \
+    QP_BODY(T, DT);                                                                             \
+  }
+QP_FN(qp_q8_1, 1, TS_Q8_0)
+QP_FN(qp_q8_2, 2, TS_Q8_0)
+QP_FN(qp_q8_3, 3, TS_Q8_0)
+QP_FN(qp_q8_4, 4, TS_Q8_0)
+QP_FN(qp_q8_5, 5, TS_Q8_0)
+QP_FN(qp_q8_6, 6, TS_Q8_0)
+QP_FN(qp_q8_7, 7, TS_Q8_0)
+QP_FN(qp_q8_8, 8, TS_Q8_0)
+QP_FN(qp_q4_1, 1, TS_Q4_0)
+QP_FN(qp_q4_2, 2, TS_Q4_0)
+QP_FN(qp_q4_3, 3, TS_Q4_0)
+QP_FN(qp_q4_4, 4, TS_Q4_0)
+QP_FN(qp_q4_5, 5, TS_Q4_0)
+QP_FN(qp_q4_6, 6, TS_Q4_0)
+QP_FN(qp_q4_7, 7, TS_Q4_0)
+QP_FN(qp_q4_8, 8, TS_Q4_0)
+
+static const qp_fn qp_fns[2][QP_TT] = {
+    {qp_q8_1, qp_q8_2, qp_q8_3, qp_q8_4, qp_q8_5, qp_q8_6, qp_q8_7, qp_q8_8},
+    {qp_q4_1, qp_q4_2, qp_q4_3, qp_q4_4, qp_q4_5, qp_q4_6, qp_q4_7, qp_q4_8}};
+
+static void qp_rows(void *arg, int64_t g0, int64_t g1, int thread) {
+  (void)thread;
+  qmm_job *j = arg;
+  const ts_dtype dt = j->w->dtype;
+  const int64_t k = j->k, m = j->m, nb = k / 32;
+  const size_t gbytes = (size_t)nb * qp_gblock(dt);
+  const uint8_t *base = j->w->data;
+  /* Groups in blocks of about 512 KiB of weights (kept in L2 while every token tile passes over
+   * them); the first token tile streams them from memory and prefetches ahead. */
+  int64_t gs = (int64_t)((512u << 10) / gbytes);
+  if (gs < 1) gs = 1;
+  for (int64_t s0 = g0; s0 < g1; s0 += gs) {
+    int64_t s1 = s0 + gs < g1 ? s0 + gs : g1;
+    for (int64_t t = 0; t < j->n; t += QP_TT) {
+      int T = (int)(j->n - t < QP_TT ? j->n - t : QP_TT);
+      qp_fn fn = qp_fns[dt == TS_Q8_0 ? 0 : 1][T - 1];
+      for (int64_t g = s0; g < s1; g++) {
+        int64_t r0 = g * QP_ROWS;
+        int nr = (int)(m - r0 < QP_ROWS ? m - r0 : QP_ROWS);
+        float bias[QP_ROWS] = {0};
+        if (j->bias && ts_tensor_present(j->bias))
+          cpu_row_to_f32(j->c, j->bias->dtype,
+                         (const char *)j->bias->data + ts_dtype_bytes(j->bias->dtype, r0), nr,
+                         bias);
+        fn(base + (size_t)g * gbytes, nb, j->xq + t * k, k, j->xd + t * nb, j->xc + t * nb,
+           j->y + t * m + r0, m, nr, bias, t == 0);
+      }
+    }
+  }
+}
+#endif
+
 int cpu_matmul_quant(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias,
                      int n, float *y) {
   if (!cpu_quant_supported(w->dtype)) return 0;
-  qmm_job j = {c, w, bias, NULL, NULL, x, n, w->shape[1], w->shape[0], y};
-  /* Activations: n*k int8 then n*k/32 scales, in the context's buffer shared by all threads. */
-  size_t need = (size_t)n * (size_t)j.k + (size_t)n * (size_t)(j.k / 32) * sizeof(float) + 64;
+  const int packed = qp_find(c, w->data) != NULL;
+  qmm_job j = {c, w, bias, NULL, NULL, x, n, w->shape[1], w->shape[0], y, NULL};
+  const int64_t nb = j.k / 32;
+  /* Activations: n*k int8, then n*k/32 scales and (repacked) n*k/32 sums, in the context's
+   * buffer shared by all threads. */
+  size_t qbytes = ((size_t)n * (size_t)j.k + 63) & ~(size_t)63;
+  size_t dbytes = ((size_t)n * (size_t)nb * sizeof(float) + 63) & ~(size_t)63;
+  size_t need = qbytes + dbytes * (packed ? 2 : 1);
+  int bad = 0;
   if (need > c->cap_act) {
     void *p = NULL;
     if (posix_memalign(&p, 64, need) != 0) {
-      for (size_t i = 0; i < (size_t)n * (size_t)j.m; i++) y[i] = NAN;
-      return 1;
+      bad = 1;
+    } else {
+      free(c->act);
+      c->act = p;
+      c->cap_act = need;
     }
-    free(c->act);
-    c->act = p;
-    c->cap_act = need;
+  }
+  const size_t row_bytes = ts_dtype_bytes(w->dtype, j.k);
+  if (!bad && packed && c->simd < CPU_ISA_VNNI &&
+      cpu_scratch_reserve(c, (QP_ROWS * row_bytes + sizeof(float) - 1) / sizeof(float)) < 0)
+    bad = 1;
+  if (bad) {
+    for (size_t i = 0; i < (size_t)n * (size_t)j.m; i++) y[i] = NAN;
+    return 1;
   }
   j.xq = c->act;
-  j.xd = (const float *)((char *)c->act + (((size_t)n * (size_t)j.k + 63) & ~(size_t)63));
+  j.xd = (const float *)((char *)c->act + qbytes);
+  if (packed) j.xc = (int32_t *)((char *)c->act + qbytes + dbytes);
   threadpool_parallel_for(c->pool, n, 16, quantize_rows, &j);
-  threadpool_parallel_for(c->pool, j.m, 64, qmm_rows, &j);
+  if (!packed) {
+    threadpool_parallel_for(c->pool, j.m, 64, qmm_rows, &j);
+    return 1;
+  }
+  const int64_t groups = (j.m + QP_ROWS - 1) / QP_ROWS;
+#if Q_X86
+  if (c->simd >= CPU_ISA_VNNI) {
+    threadpool_parallel_for(c->pool, groups, 4, qp_rows, &j);
+    return 1;
+  }
+#endif
+  threadpool_parallel_for(c->pool, groups, 4, qp_rows_unpacked, &j);
   return 1;
 }
