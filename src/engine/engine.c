@@ -24,6 +24,10 @@
 
 #define ENGINE_MAX_EOS 16
 #define ENGINE_MAX_PIPE 64 /* micro-batches in flight on a pipelined executor */
+/* Logits rows per step once a request asks for prompt logprobs (one row per prompt position):
+ * the logits buffer grows to this many rows (or max_num_seqs, if more) on the first such request,
+ * and longer prompts are chunked under it. */
+#define ENGINE_PLP_ROWS 64
 
 typedef struct {
   engine_req *req;
@@ -48,8 +52,9 @@ struct engine {
   int32_t *b_seq_start;   /* [max_num_seqs+1] */
   int32_t *b_ctx_len;     /* [max_num_seqs] */
   int32_t *b_block_table; /* [max_num_seqs][max_blocks_per_seq] */
-  int32_t *b_logits_rows; /* [max_num_seqs] */
-  float *logits;          /* [max_num_seqs][vocab] */
+  int32_t *b_logits_rows; /* [n_rows] */
+  float *logits;          /* [n_rows][vocab] */
+  int n_rows;             /* logits rows per step: max_num_seqs, more once prompt logprobs ask */
   ts_sample_row *s_rows;  /* [max_num_seqs] device sampling rows, by logits row */
   int32_t *s_ids;         /* [max_num_seqs] their sampled ids */
   engine_seq **done;      /* [max_num_seqs] copy of the step's sequences */
@@ -149,6 +154,7 @@ static engine_event *event_new(engine *e, engine_req *r, engine_seq *s) {
   pe->ev.prompt_tokens = r->n_prompt;
   pe->ev.cached_tokens = r->cached_tokens;
   pe->ev.completion_tokens = s->completion_tokens;
+  if (r->plp && !req_plp_pending(r)) pe->ev.prompt_logprobs = r->plp;
   return &pe->ev;
 }
 
@@ -233,6 +239,12 @@ static void build_batch(engine *e, ts_batch *b) {
     int nb = q->bt.n < max_blocks ? q->bt.n : max_blocks;
     memcpy(row, q->bt.blocks, (size_t)nb * sizeof *row);
     for (int c = nb; c < max_blocks; c++) row[c] = 0;
+    int pos0;
+    q->plp_rows = seq_prompt_rows(q, q->sched_tokens, &pos0);
+    q->plp_row = n_logits;
+    q->plp_pos = pos0;
+    for (int r = 0; r < q->plp_rows; r++)
+      e->b_logits_rows[n_logits++] = e->b_seq_start[j] + pos0 - q->n_computed + r;
     q->logits_row = -1;
     if (q->n_computed + q->sched_tokens == q->n_tokens) {
       q->logits_row = n_logits;
@@ -253,6 +265,32 @@ static void build_batch(engine *e, ts_batch *b) {
 }
 
 static void seq_accept(engine *e, engine_seq *s);
+
+/* Turns s's prompt-logprob rows of this step into its request's entries (they continue where
+ * the entries stop: a prefix is reused only up to plp_done). */
+static void seq_take_prompt_rows(engine *e, engine_seq *s, const float *logits) {
+  engine_req *r = s->req;
+  for (int i = 0; i < s->plp_rows && s->plp_pos + i == r->plp_done; i++) {
+    int pos = s->plp_pos + i;
+    sampling_prompt_logprob(logits + (size_t)(s->plp_row + i) * e->vocab, e->vocab,
+                            r->prompt[pos + 1], r->p.prompt_logprobs, &r->plp[pos + 1]);
+    r->plp_done++;
+  }
+  s->plp_rows = 0;
+}
+
+/* After a step: s's prompt-logprob rows, then whether it may sample (its logits row exists and
+ * every prompt logprob before it is in: the first event carries them all). */
+static int seq_step_rows(engine *e, engine_seq *s) {
+  if (s->state != SEQ_RUNNING) return 0;
+  if (s->plp_rows > 0) seq_take_prompt_rows(e, s, e->logits);
+  if (s->logits_row < 0) return 0;
+  if (req_plp_pending(s->req)) {
+    req_fail(e, s->req, ENGINE_FINISH_ERROR, "engine: the prompt logprobs were not all computed");
+    return 0;
+  }
+  return 1;
+}
 
 /* Samples the next token of s from its logits row and applies the stop rules; queues its event. */
 static void seq_advance(engine *e, engine_seq *s, float *logits) {
@@ -384,6 +422,8 @@ static void engine_step(engine *e) {
   ts_err_clear(&err);
   /* Device sampling when the executor offers it and every row can use it: only ids come back. */
   int device = e->ex->ops->execute_step_sample && !(e->ex->pipe && e->ex->info.max_inflight > 1);
+  /* Prompt logprobs need their logits rows here: then every row comes back as logits. */
+  for (int j = 0; j < sc->n_sched && device; j++) device = sc->sched[j]->plp_rows == 0;
   for (int j = 0; j < sc->n_sched && device; j++) {
     engine_seq *q = sc->sched[j];
     if (q->logits_row >= 0) device = seq_device_row(e, q, &e->s_rows[q->logits_row]);
@@ -407,7 +447,7 @@ static void engine_step(engine *e) {
   memcpy(e->done, sc->sched, (size_t)n * sizeof *e->done);
   for (int j = 0; j < n; j++) {
     engine_seq *s = e->done[j];
-    if (s->logits_row < 0 || s->state != SEQ_RUNNING) continue;
+    if (!seq_step_rows(e, s)) continue;
     if (device) {
       memset(&s->last_sample, 0, sizeof s->last_sample);
       s->last_sample.token = e->s_ids[s->logits_row];
@@ -522,8 +562,7 @@ static void pipe_collect(engine *e) {
   }
   for (int j = 0; j < n; j++) {
     engine_seq *s = seqs[j];
-    if (s->logits_row >= 0 && s->state == SEQ_RUNNING)
-      seq_advance(e, s, e->logits + (size_t)s->logits_row * e->vocab);
+    if (seq_step_rows(e, s)) seq_advance(e, s, e->logits + (size_t)s->logits_row * e->vocab);
   }
 }
 
@@ -542,6 +581,23 @@ static void pipe_abandon(engine *e) {
 }
 
 /* ---- the loop ---- */
+
+/* A request with prompt logprobs arrived: the logits buffer takes ENGINE_PLP_ROWS rows per step
+ * from now on (never more than a step's tokens), so its prompt is not chunked one row at a time. */
+static int grow_rows(engine *e) {
+  int want = ENGINE_PLP_ROWS < e->cfg.max_num_batched_tokens ? ENGINE_PLP_ROWS
+                                                              : e->cfg.max_num_batched_tokens;
+  if (want <= e->n_rows) return 0;
+  float *l = realloc(e->logits, (size_t)want * (size_t)e->vocab * sizeof *l);
+  if (!l) return TS_ENOMEM;
+  e->logits = l;
+  int32_t *rows = realloc(e->b_logits_rows, (size_t)want * sizeof *rows);
+  if (!rows) return TS_ENOMEM;
+  e->b_logits_rows = rows;
+  e->n_rows = want;
+  e->sched.cfg.max_logits_rows = want;
+  return 0;
+}
 
 static void stats_update_locked(engine *e) {
   engine_stats *st = &e->stats;
@@ -603,6 +659,10 @@ static void *engine_loop(void *arg) {
     for (engine_req *r = in, *next; r; r = next) {
       next = r->next;
       live_add(e, r);
+      if (r->plp && grow_rows(e) < 0) {
+        req_fail(e, r, ENGINE_FINISH_ERROR, "out of memory for the prompt logprobs' logits");
+        continue;
+      }
       for (int i = 0; i < r->n; i++) {
         if (scheduler_add(&e->sched, &r->seqs[i]) < 0) {
           req_fail(e, r, ENGINE_FINISH_ERROR, "out of memory queueing the request");
@@ -722,7 +782,8 @@ int engine_create_with_executor(engine **out, executor *ex, const tokenizer *tok
   }
   rc = block_manager_create(&e->bm, n_blocks, cfg.block_size, cfg.enable_prefix_caching, err);
   if (rc == 0) {
-    scheduler_config sc = {cfg.max_num_seqs, cfg.max_num_batched_tokens};
+    scheduler_config sc = {cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_num_seqs};
+    e->n_rows = cfg.max_num_seqs;
     rc = scheduler_init(&e->sched, &sc, e->bm, err);
   }
   if (rc == 0 && (!e->b_tokens || !e->b_pos || !e->b_seq_start || !e->b_ctx_len ||

@@ -38,6 +38,11 @@ typedef struct {
   int n_stop;
   int include_stop_str_in_output;
   int skip_special_tokens;
+  /* Prompt logprobs (vLLM's prompt_logprobs): each prompt token's logprob given the tokens before
+   * it, plus the top prompt_logprobs (<= SAMPLING_MAX_LOGPROBS) at its position. Such a request
+   * computes logits for every prompt position, so it does not read the prefix cache. */
+  int has_prompt_logprobs;
+  int prompt_logprobs;
 } engine_request_params;
 
 typedef enum {
@@ -56,6 +61,9 @@ typedef struct {
   int n_tokens;               /* tokens this event covers (0 on a bare finish) */
   const int32_t *tokens;
   const sample_result *samples; /* [n_tokens], for logprobs */
+  /* [prompt_tokens] once every prompt position is computed, for a request with prompt logprobs
+   * (NULL otherwise): entry i is prompt token i (entry 0, the first token, has no logprob). */
+  const sample_result *prompt_logprobs;
   engine_finish finish;       /* != NONE on the choice's last event */
   const char *error;          /* message when finish == ERROR */
   /* Usage, filled on every event: */

@@ -44,6 +44,7 @@ void req_free(engine_req *r) {
   free(r->bias_ids);
   free(r->bias);
   free(r->prompt);
+  free(r->plp);
   free(r);
 }
 
@@ -99,6 +100,10 @@ int req_create(engine_req **out, uint64_t id, const int32_t *prompt, size_t n_pr
   for (int i = 0; i < p->n_stop; i++)
     if (!p->stop[i] || !p->stop[i][0])
       return ts_errorf(err, TS_EINVAL, "request: stop string %d is empty", i);
+  if (p->has_prompt_logprobs &&
+      (p->prompt_logprobs < 0 || p->prompt_logprobs > SAMPLING_MAX_LOGPROBS))
+    return ts_errorf(err, TS_ERANGE, "request: prompt_logprobs %d is outside [0, %d]",
+                     p->prompt_logprobs, SAMPLING_MAX_LOGPROBS);
 
   engine_req *r = calloc(1, sizeof *r);
   if (!r) return ts_errorf(err, TS_ENOMEM, "request: out of memory");
@@ -113,6 +118,10 @@ int req_create(engine_req **out, uint64_t id, const int32_t *prompt, size_t n_pr
   r->seqs = calloc((size_t)p->n, sizeof *r->seqs);
   if (!r->prompt || !r->seqs) goto oom;
   memcpy(r->prompt, prompt, n_prompt * sizeof *prompt);
+  if (p->has_prompt_logprobs) {
+    if (!(r->plp = calloc(n_prompt, sizeof *r->plp))) goto oom;
+    r->plp[0].token = prompt[0];
+  }
   if (p->n_stop > 0) {
     r->stop = calloc((size_t)p->n_stop, sizeof *r->stop);
     r->stop_len = calloc((size_t)p->n_stop, sizeof *r->stop_len);
@@ -209,6 +218,19 @@ static size_t stop_holdback(const engine_req *r, const char *buf, size_t len) {
     for (int i = 0; i < r->p.n_stop; i++)
       if (r->stop_len[i] > k && !memcmp(buf + len - k, r->stop[i], k)) return k;
   return 0;
+}
+
+int seq_prompt_rows(const engine_seq *s, int k, int *pos0) {
+  const engine_req *r = s->req;
+  *pos0 = 0;
+  if (!req_plp_pending(r)) return 0;
+  /* Position p's logits give prompt token p + 1: the last prompt position gives none (its logits
+   * sample the first generated token). Positions before plp_done are done already. */
+  int lo = s->n_computed > r->plp_done ? s->n_computed : r->plp_done;
+  int hi = s->n_computed + k < r->n_prompt - 1 ? s->n_computed + k : r->n_prompt - 1;
+  if (hi <= lo) return 0;
+  *pos0 = lo;
+  return hi - lo;
 }
 
 int seq_append(engine_seq *s, int32_t t) {

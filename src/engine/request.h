@@ -43,6 +43,8 @@ typedef struct engine_seq {
   /* Scheduling scratch for the current step. */
   int sched_tokens;     /* new tokens in this step, 0 when not scheduled */
   int logits_row;       /* row of this step's logits, -1 when none */
+  int plp_row, plp_pos, plp_rows; /* prompt logprobs: plp_rows logits rows from plp_row hold the
+                                     positions from plp_pos on (0 rows: none this step) */
   int inflight;         /* in a submitted micro-batch not yet collected (pipelined executors):
                            not scheduled again nor preempted, and its blocks outlive a removal */
 } engine_seq;
@@ -60,6 +62,10 @@ typedef struct engine_req {
   int cached_tokens;       /* prompt tokens served from the prefix cache at first admission */
   int admitted;            /* some choice has been admitted once */
   int counted;             /* prompt tokens added to the engine's totals */
+  sample_result *plp;      /* [n_prompt] prompt logprobs when asked for (else NULL): entry i is
+                              prompt token i given the ones before it; entry 0 stays empty */
+  int plp_done;            /* prompt positions whose logits filled plp (all from 0 on); the
+                              logits of position p give entry p + 1, so n_prompt - 1 is all */
   /* Prompt text the detokenizer still holds after being primed with the prompt (an unfinished
    * byte group, say): it comes out with the first generated token and is dropped there. */
   char *prompt_tail;
@@ -82,6 +88,14 @@ int req_create(engine_req **out, uint64_t id, const int32_t *prompt, size_t n_pr
                ts_err *err);
 /* Frees the request's memory (its sequences must hold no blocks). */
 void req_free(engine_req *r);
+
+/* Prompt positions in [first, first + k) of s's next k scheduled tokens whose logits its request
+ * still needs for prompt logprobs; *pos0 gets the first such position. 0 when none. */
+int seq_prompt_rows(const engine_seq *s, int k, int *pos0);
+/* Whether s's request still needs prompt logits (it then reuses no cached prefix past plp_done). */
+static inline int req_plp_pending(const engine_req *r) {
+  return r->plp && r->plp_done < r->n_prompt - 1;
+}
 
 /* Appends a generated token (growing the array by doubling). TS_ENOMEM when it cannot grow. */
 int seq_append(engine_seq *s, int32_t t);

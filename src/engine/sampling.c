@@ -209,15 +209,14 @@ static double logsumexp(const float *x, int n) {
   return mx + log(sum);
 }
 
-static void fill_logprobs(sampler *s, const float *proc, int32_t token, sample_result *out) {
-  double lse = logsumexp(proc, s->vocab);
-  out->logprob = (float)(proc[token] - lse);
-  int k = s->p.logprobs < 0 ? 0 : s->p.logprobs;
-  if (k > s->vocab) k = s->vocab;
+/* The k largest of x [V] (ties: lowest id first) as logprobs against lse, into out's top list. */
+static void fill_top(const float *x, int V, int k, double lse, sample_result *out) {
+  if (k > V) k = V;
+  if (k > SAMPLING_MAX_LOGPROBS) k = SAMPLING_MAX_LOGPROBS;
   out->n_top = 0;
   /* Insertion into a sorted list of k: k <= 20, so O(vocab * k) at worst, O(vocab) typically. */
-  for (int32_t i = 0; i < s->vocab && k > 0; i++) {
-    float v = proc[i];
+  for (int32_t i = 0; i < V && k > 0; i++) {
+    float v = x[i];
     int n = out->n_top;
     if (n == k && !(v > out->top_logprobs[k - 1])) continue;
     int j = n < k ? n : k - 1;
@@ -231,6 +230,26 @@ static void fill_logprobs(sampler *s, const float *proc, int32_t token, sample_r
     if (n < k) out->n_top++;
   }
   for (int i = 0; i < out->n_top; i++) out->top_logprobs[i] = (float)(out->top_logprobs[i] - lse);
+}
+
+static void fill_logprobs(sampler *s, const float *proc, int32_t token, sample_result *out) {
+  double lse = logsumexp(proc, s->vocab);
+  out->logprob = (float)(proc[token] - lse);
+  fill_top(proc, s->vocab, s->p.logprobs < 0 ? 0 : s->p.logprobs, lse, out);
+}
+
+void sampling_prompt_logprob(const float *logits, int vocab, int32_t token, int k,
+                             sample_result *out) {
+  memset(out, 0, sizeof *out);
+  if (vocab <= 0 || token < 0 || token >= vocab) return;
+  double lse = logsumexp(logits, vocab);
+  out->token = token;
+  out->logprob = (float)(logits[token] - lse);
+  /* Ties count against the token, as vLLM ranks it (tokens whose logprob is >= its own). */
+  int rank = 0;
+  for (int i = 0; i < vocab; i++) rank += logits[i] >= logits[token];
+  out->rank = rank > 0 ? rank : 1;
+  fill_top(logits, vocab, k < 0 ? 0 : k, lse, out);
 }
 
 /* Keeps in cand[0..) a superset of the top candidates that top-k (k > 0: the k largest) or

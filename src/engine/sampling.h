@@ -39,6 +39,8 @@ typedef struct {
   int n_top;
   int32_t top_ids[SAMPLING_MAX_LOGPROBS];
   float top_logprobs[SAMPLING_MAX_LOGPROBS];
+  int rank;                    /* prompt logprobs: tokens at least as likely as token (1: the
+                                  most likely); 0 for sampled tokens */
 } sample_result;
 
 int sampler_create(sampler **out, const sampling_params *p, int vocab_size, uint64_t engine_seed,
@@ -49,6 +51,11 @@ void sampler_observe_prompt(sampler *s, const int32_t *ids, size_t n);
 void sampler_observe(sampler *s, int32_t id);
 /* Samples from logits [vocab] (modified in place). No allocation. */
 int sampler_sample(sampler *s, float *logits, sample_result *out);
+/* A prompt token's logprob under the model's raw distribution (log-softmax of logits [vocab], no
+ * penalties nor temperature, as vLLM reports prompt logprobs), its rank and the top k (k <=
+ * SAMPLING_MAX_LOGPROBS) of that distribution, into out. */
+void sampling_prompt_logprob(const float *logits, int vocab, int32_t token, int k,
+                             sample_result *out);
 /* Fills the row a device sampler needs to draw this sequence's next token from the same
  * distribution (its own counter-based stream, not this sampler's draws): 1 when the device can
  * (no logit_bias, no logprobs), else 0. The penalty lists point into the sampler and stay valid

@@ -111,6 +111,9 @@ static int attach_prefix(scheduler *s, engine_seq *q) {
   int bs = block_manager_block_size(s->bm);
   const engine_req *r = q->req;
   int limit = q->n_tokens - 1; /* the last token is always computed: its logits are needed */
+  /* Prompt logprobs need the logits of every prompt position not done yet, and a cached prefix
+   * has none: reuse stops there (a fresh request reuses nothing, as vLLM skips the cache). */
+  if (req_plp_pending(r) && limit > r->plp_done) limit = r->plp_done;
   int best = 0;
   const engine_seq *src = NULL;
   for (int i = 0; i < r->n; i++) {
@@ -140,8 +143,28 @@ static int attach_prefix(scheduler *s, engine_seq *q) {
 
 int scheduler_schedule(scheduler *s) { return scheduler_schedule_group(s, 0); }
 
+/* Logits rows of q's next k tokens: its prompt-logprob positions, plus the sampling row when the
+ * k tokens reach its end. Shrinks *k so that they fit in rows_left; returns the rows, or -1 when
+ * not even one token fits. */
+static int fit_rows(const engine_seq *q, int *k, int rows_left) {
+  int pos0;
+  int rows = seq_prompt_rows(q, *k, &pos0) + (q->n_computed + *k == q->n_tokens);
+  if (rows <= rows_left) return rows;
+  if (rows_left <= 0) return -1;
+  int k0 = *k;
+  /* Every position from pos0 on is a row: stop the chunk after rows_left of them, and before the
+   * last token when its sampling row would not fit. */
+  int nk = seq_prompt_rows(q, k0, &pos0) > 0 ? pos0 - q->n_computed + rows_left : k0;
+  if (nk >= k0) nk = k0 - 1;
+  if (nk <= 0) return -1;
+  *k = nk;
+  rows = seq_prompt_rows(q, nk, &pos0) + (q->n_computed + nk == q->n_tokens);
+  return rows <= rows_left ? rows : -1;
+}
+
 int scheduler_schedule_group(scheduler *s, int max_seqs) {
   int budget = s->cfg.max_num_batched_tokens;
+  int rows_left = s->cfg.max_logits_rows > 0 ? s->cfg.max_logits_rows : s->cfg.max_num_seqs;
   int preempted = 0, n_inflight = 0;
   if (max_seqs <= 0) max_seqs = s->cfg.max_num_seqs;
   s->n_sched = 0;
@@ -152,6 +175,8 @@ int scheduler_schedule_group(scheduler *s, int max_seqs) {
     if (q->inflight) continue;
     int k = q->n_tokens - q->n_computed;
     if (k > budget) k = budget;
+    int rows = fit_rows(q, &k, rows_left);
+    if (rows < 0) break;
     int ok = 1;
     while (block_manager_ensure(s->bm, &q->bt, q->n_computed + k) != 0) {
       /* Every sequence before q is scheduled or in flight, so the newest free one is q or newer.
@@ -170,6 +195,7 @@ int scheduler_schedule_group(scheduler *s, int max_seqs) {
     s->sched[s->n_sched++] = q;
     s->n_sched_tokens += k;
     budget -= k;
+    rows_left -= rows;
   }
   /* After a preemption the cache is full: admitting now would only preempt again. */
   for (int i = 0; !preempted && i < s->n_waiting && budget > 0 && s->n_sched < max_seqs &&
@@ -182,7 +208,8 @@ int scheduler_schedule_group(scheduler *s, int max_seqs) {
     int cached = q->bt.n == 0 ? attach_prefix(s, q) : 0;
     int k = q->n_tokens - q->n_computed;
     if (k > budget) k = budget;
-    if (block_manager_ensure(s->bm, &q->bt, q->n_computed + k) != 0) {
+    int rows = fit_rows(q, &k, rows_left);
+    if (rows < 0 || block_manager_ensure(s->bm, &q->bt, q->n_computed + k) != 0) {
       block_manager_release(s->bm, &q->bt);
       q->n_computed = 0;
       break;
@@ -203,6 +230,7 @@ int scheduler_schedule_group(scheduler *s, int max_seqs) {
     s->sched[s->n_sched++] = q;
     s->n_sched_tokens += k;
     budget -= k;
+    rows_left -= rows;
   }
   return s->n_sched;
 }

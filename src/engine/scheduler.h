@@ -15,6 +15,8 @@
 typedef struct {
   int max_num_seqs;
   int max_num_batched_tokens;
+  int max_logits_rows;   /* logits rows in one step (0: max_num_seqs); prompt logprobs take one
+                            per prompt position, so such a prefill is chunked under it too */
 } scheduler_config;
 
 typedef struct {
