@@ -70,6 +70,7 @@ typedef struct {
   json_t *logprobs; /* non-streaming: accumulated over the whole choice */
   int offset;       /* text_offset of the next token (completions logprobs) */
   int got_first;
+  int echoed;       /* streaming echo with logprobs: the prompt chunk went out */
   double last_token;
 } choice;
 
@@ -81,6 +82,7 @@ typedef struct {
   int submitted;
   int live;        /* choices not finished yet */
   int prompt_tokens, cached_tokens;
+  sample_result *plp; /* [prompt_tokens] prompt logprobs, copied from the engine's first event */
 } sub;
 
 typedef struct req_ctx {
@@ -209,6 +211,22 @@ static json_t *envelope(const req_ctx *c, const char *object) {
 
 static int is_chat(const req_ctx *c) { return c->req.kind == SRV_KIND_CHAT; }
 
+/* Completions' echo with max_tokens 0: the prompt alone (the engine's one token is left out). */
+static int echo_only(const req_ctx *c) {
+  return !is_chat(c) && c->req.echo && c->req.max_tokens == 0;
+}
+
+/* Top entries shown in prompt_logprobs: the request's prompt_logprobs, else (echo) its logprobs. */
+static int plp_top(const req_ctx *c) {
+  return c->req.prompt_logprobs >= 0 ? c->req.prompt_logprobs : c->req.logprobs;
+}
+
+static json_t *plp_json(const req_ctx *c, const sub *sb) {
+  json_t *j = sb->plp ? oai_prompt_logprobs_json(c->srv->tok, sb->plp, sb->prompt_tokens, plp_top(c))
+                      : NULL;
+  return j ? j : json_null();
+}
+
 /* Appends one SSE event "data: <json>\n\n" to c->out (ctx lock held). */
 static void sse_json(req_ctx *c, json_t *j) {
   char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
@@ -256,6 +274,19 @@ static void on_event(void *user, const engine_event *ev) {
   choice *ch = &c->choices[ci];
   sb->prompt_tokens = ev->prompt_tokens;
   sb->cached_tokens = ev->cached_tokens;
+  if (ev->prompt_logprobs && !sb->plp && ev->prompt_tokens > 0) {
+    /* Copied as it is (JSON is built off the engine thread, except for a stream's echo). */
+    sb->plp = malloc((size_t)ev->prompt_tokens * sizeof *sb->plp);
+    if (sb->plp)
+      memcpy(sb->plp, ev->prompt_logprobs, (size_t)ev->prompt_tokens * sizeof *sb->plp);
+    else if (!c->failed) {
+      c->failed = 1;
+      snprintf(c->fail_msg, sizeof c->fail_msg, "out of memory for the prompt logprobs");
+    }
+  }
+  const char *ev_text = ev->text;
+  size_t ev_len = ev->text_len;
+  if (echo_only(c)) ev_len = 0; /* the one token computed for the echo is not shown */
   if (ev->n_tokens > 0) {
     if (!ch->got_first) srv_metrics_ttft(s->metrics, t - c->t_start);
     else srv_metrics_itl(s->metrics, (t - ch->last_token) / ev->n_tokens);
@@ -264,7 +295,26 @@ static void on_event(void *user, const engine_event *ev) {
   }
   ch->tokens = ev->completion_tokens;
   json_t *lp = NULL;
-  if (c->req.logprobs >= 0 && ev->samples && ev->n_tokens > 0)
+  char *both = NULL;
+  /* A stream's echo with logprobs opens with the prompt and its logprobs, then this event's, as
+   * vLLM's first chunk does: they are known only now. */
+  if (c->req.stream && c->req.echo && c->req.logprobs >= 0 && !ch->echoed &&
+      ev->finish != ENGINE_FINISH_ERROR && (ev->n_tokens > 0 || ev->finish != ENGINE_FINISH_NONE)) {
+    const oai_prompt *p = &c->prompts[sb->index];
+    ch->echoed = 1;
+    if (sb->plp)
+      oai_prompt_logprobs_append(s->tok, sb->plp, sb->prompt_tokens, c->req.logprobs, &lp,
+                                 &ch->offset);
+    both = malloc(p->text_len + ev_len + 1);
+    if (both) {
+      memcpy(both, p->text ? p->text : "", p->text ? p->text_len : 0);
+      memcpy(both + (p->text ? p->text_len : 0), ev_text ? ev_text : "", ev_len);
+      ev_len += p->text ? p->text_len : 0;
+      both[ev_len] = 0;
+      ev_text = both;
+    }
+  }
+  if (c->req.logprobs >= 0 && ev->samples && ev->n_tokens > 0 && !echo_only(c))
     oai_logprobs_append(s->tok, is_chat(c), ev->samples, ev->n_tokens, c->req.logprobs,
                         c->req.stream ? &lp : &ch->logprobs, &ch->offset);
   if (c->req.stream) {
@@ -277,12 +327,13 @@ static void on_event(void *user, const engine_event *ev) {
         sb_add(&c->out, "\n\n", 2);
         free(e);
       }
-    } else if (ev->text_len || lp || ev->finish != ENGINE_FINISH_NONE) {
-      sse_chunk(c, ci, ev->text, ev->text_len, lp, ev->finish, 0);
+    } else if (ev_len || lp || ev->finish != ENGINE_FINISH_NONE) {
+      sse_chunk(c, ci, ev_text, ev_len, lp, ev->finish, 0);
     }
   } else {
-    sb_add(&ch->text, ev->text ? ev->text : "", ev->text ? ev->text_len : 0);
+    sb_add(&ch->text, ev_text ? ev_text : "", ev_text ? ev_len : 0);
   }
+  free(both);
   if (ev->finish != ENGINE_FINISH_NONE) {
     ch->finish = ev->finish;
     sb->live--;
@@ -360,22 +411,48 @@ static enum MHD_Result reply_generation(req_ctx *c) {
                     "finish_reason", fr ? json_string(fr) : json_null(), "stop_reason");
     } else {
       const oai_prompt *p = &c->prompts[i / c->req.n];
+      const sub *sb = &c->subs[i / c->req.n];
+      if (c->req.echo && c->req.logprobs >= 0) {
+        /* The prompt's tokens come first; the generated ones' offsets move past its text. */
+        json_t *both = NULL;
+        int off = 0;
+        if (sb->plp)
+          oai_prompt_logprobs_append(c->srv->tok, sb->plp, sb->prompt_tokens, c->req.logprobs,
+                                     &both, &off);
+        if (both && ch->logprobs) {
+          static const char *const keys[] = {"tokens", "token_logprobs", "top_logprobs"};
+          for (int k = 0; k < 3; k++)
+            json_array_extend(json_object_get(both, keys[k]), json_object_get(ch->logprobs, keys[k]));
+          json_t *to = json_object_get(both, "text_offset");
+          size_t x;
+          json_t *v;
+          json_array_foreach(json_object_get(ch->logprobs, "text_offset"), x, v)
+            json_array_append_new(to, json_integer(json_integer_value(v) + off));
+        }
+        if (both) {
+          json_decref(lp);
+          lp = both;
+        }
+      }
       json_t *text;
       if (c->req.echo && p->text) {
         sbuf both = {0};
         sb_add(&both, p->text, p->text_len);
-        sb_add(&both, ch->text.buf ? ch->text.buf : "", ch->text.len);
+        if (!echo_only(c)) sb_add(&both, ch->text.buf ? ch->text.buf : "", ch->text.len);
         text = jstr(both.buf, both.len);
         free(both.buf);
       } else {
         text = jstr(ch->text.buf, ch->text.len);
       }
-      o = json_pack("{s:i, s:o, s:o, s:o, s:n}", "index", i, "text", text, "logprobs", lp,
-                    "finish_reason", fr ? json_string(fr) : json_null(), "stop_reason");
+      o = json_pack("{s:i, s:o, s:o, s:o, s:n, s:o}", "index", i, "text", text, "logprobs", lp,
+                    "finish_reason", fr ? json_string(fr) : json_null(), "stop_reason",
+                    "prompt_logprobs", plp_json(c, sb));
     }
     json_array_append_new(choices, o);
   }
   json_object_set_new(j, "choices", choices);
+  /* vLLM puts a chat request's prompt logprobs beside its choices, not in them. */
+  if (chat) json_object_set_new(j, "prompt_logprobs", plp_json(c, &c->subs[0]));
   json_object_set_new(j, "usage", usage_of(c));
   return reply_json(c, 200, j);
 }
@@ -431,7 +508,8 @@ static enum MHD_Result handle_generation(req_ctx *c, srv_kind kind) {
     for (int i = 0; i < c->n_choices; i++) {
       const oai_prompt *p = &c->prompts[i / c->req.n];
       if (kind == SRV_KIND_CHAT) sse_chunk(c, i, "", 0, NULL, ENGINE_FINISH_NONE, 1);
-      else if (c->req.echo && p->text) sse_chunk(c, i, p->text, p->text_len, NULL, ENGINE_FINISH_NONE, 0);
+      else if (c->req.echo && p->text && c->req.logprobs < 0)
+        sse_chunk(c, i, p->text, p->text_len, NULL, ENGINE_FINISH_NONE, 0);
     }
     pthread_mutex_unlock(&c->lock);
   }
@@ -452,6 +530,12 @@ static enum MHD_Result handle_generation(req_ctx *c, srv_kind kind) {
         .n_stop = c->req.n_stop,
         .include_stop_str_in_output = c->req.include_stop_str_in_output,
         .skip_special_tokens = c->req.skip_special_tokens,
+        /* An echo with logprobs shows the prompt's logprobs too (vLLM asks for them the same
+         * way); the engine computes the larger top list of the two. */
+        .has_prompt_logprobs = c->req.prompt_logprobs >= 0 || (c->req.echo && c->req.logprobs >= 0),
+        .prompt_logprobs = c->req.prompt_logprobs > (c->req.echo ? c->req.logprobs : -1)
+                               ? c->req.prompt_logprobs
+                               : c->req.logprobs,
     };
     ts_err te = {0};
     if (engine_submit(s->e, c->prompts[i].ids, c->prompts[i].n_ids, &p, on_event, sb, &sb->id,
@@ -707,6 +791,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     json_decref(c->choices[i].logprobs);
   }
   free(c->choices);
+  for (int i = 0; c->subs && i < c->n_prompts; i++) free(c->subs[i].plp);
   free(c->subs);
   oai_prompts_free(c->prompts, c->n_prompts);
   srv_request_free(&c->req);

@@ -50,6 +50,10 @@ static int fit_context(const oai_model *m, const srv_request *r, oai_prompt *p, 
                       "length of the input or completion.",
                       m->max_model_len, n + r->max_tokens, n, r->max_tokens);
     p->max_tokens = r->max_tokens;
+  } else if (r->max_tokens == 0) {
+    /* Echo of the prompt alone: the engine still computes one token (as vLLM does), which the
+     * response leaves out. */
+    p->max_tokens = 1;
   } else if (r->kind == SRV_KIND_COMPLETION) {
     p->max_tokens = (int)(room < OAI_DEFAULT_COMPLETION_TOKENS ? room : OAI_DEFAULT_COMPLETION_TOKENS);
   } else {
@@ -261,6 +265,64 @@ int oai_logprobs_append(const struct tokenizer *tok, int chat, const sample_resu
     free(t);
   }
   return 0;
+}
+
+int oai_prompt_logprobs_append(const struct tokenizer *tok, const sample_result *plp, int n,
+                                int top_k, json_t **lp, int *offset) {
+  if (n <= 0) return 0;
+  if (!*lp) {
+    *lp = json_pack("{s:[], s:[], s:[], s:[]}", "tokens", "token_logprobs", "top_logprobs",
+                    "text_offset");
+    if (!*lp) return -1;
+  }
+  /* The first prompt token has nothing before it: no logprob and no top list, as in vLLM. */
+  char *t = oai_token_text(tok, plp[0].token);
+  if (!t) return -1;
+  json_array_append_new(json_object_get(*lp, "tokens"), json_string(t));
+  json_array_append_new(json_object_get(*lp, "token_logprobs"), json_null());
+  json_array_append_new(json_object_get(*lp, "top_logprobs"), json_null());
+  json_array_append_new(json_object_get(*lp, "text_offset"), json_integer(*offset));
+  *offset += utf8_chars(t);
+  free(t);
+  return oai_logprobs_append(tok, 0, plp + 1, n - 1, top_k, lp, offset);
+}
+
+/* vLLM clamps -inf (a masked token) to the value OpenAI uses for it. */
+static double clamp_lp(float x) { return x > -9999.0f ? (double)x : -9999.0; }
+
+static json_t *plp_entry(const struct tokenizer *tok, float logprob, int rank, int32_t id) {
+  char *t = oai_token_text(tok, id);
+  json_t *o = json_pack("{s:f, s:i, s:s}", "logprob", clamp_lp(logprob), "rank", rank,
+                        "decoded_token", t ? t : "");
+  free(t);
+  return o;
+}
+
+json_t *oai_prompt_logprobs_json(const struct tokenizer *tok, const sample_result *plp, int n,
+                                 int top_k) {
+  json_t *a = json_array();
+  if (!a) return NULL;
+  for (int i = 0; i < n; i++) {
+    if (i == 0) {
+      json_array_append_new(a, json_null());
+      continue;
+    }
+    const sample_result *s = &plp[i];
+    json_t *o = json_object();
+    char key[16];
+    /* The prompt token first with its rank, then the top k ranked 1..k (a top token that is the
+     * prompt token keeps its first entry). */
+    snprintf(key, sizeof key, "%d", (int)s->token);
+    json_object_set_new(o, key, plp_entry(tok, s->logprob, s->rank, s->token));
+    int k = s->n_top < top_k ? s->n_top : top_k;
+    for (int j = 0; j < k; j++) {
+      snprintf(key, sizeof key, "%d", (int)s->top_ids[j]);
+      if (!json_object_get(o, key))
+        json_object_set_new(o, key, plp_entry(tok, s->top_logprobs[j], j + 1, s->top_ids[j]));
+    }
+    json_array_append_new(a, o);
+  }
+  return a;
 }
 
 json_t *oai_usage(long long prompt, long long completion, long long cached) {

@@ -53,6 +53,16 @@ char *oai_token_text(const struct tokenizer *tok, int32_t id);
 int oai_logprobs_append(const struct tokenizer *tok, int chat, const sample_result *s, int n,
                         int top_k, json_t **lp, int *offset);
 
+/* The same for the prompt tokens of an echo: plp [n] as the engine reports prompt logprobs (entry
+ * 0, the first token, comes with null logprob and null top_logprobs). Completions only. */
+int oai_prompt_logprobs_append(const struct tokenizer *tok, const sample_result *plp, int n,
+                                int top_k, json_t **lp, int *offset);
+
+/* vLLM's prompt_logprobs: [null, {"<id>": {"logprob", "rank", "decoded_token"}, ...}, ...], one
+ * entry per prompt token holding that token and the top_k of its position. */
+json_t *oai_prompt_logprobs_json(const struct tokenizer *tok, const sample_result *plp, int n,
+                                 int top_k);
+
 /* {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}. */
 json_t *oai_usage(long long prompt, long long completion, long long cached);
 

@@ -332,7 +332,10 @@ static int parse_common(const json_t *body, const srv_limits *lim, srv_request *
     return srv_fail(err, 400, "best_of", "'best_of' other than n is not supported");
   int given = 0;
   v = -1;
-  if (get_int(body, "max_tokens", 1, lim->max_model_len, &v, &given, err)) return -1;
+  /* 0 passes here for completions' echo, which srv_request_parse checks once echo is read. */
+  if (get_int(body, "max_tokens", r->kind == SRV_KIND_COMPLETION ? 0 : 1, lim->max_model_len, &v,
+              &given, err))
+    return -1;
   if (r->kind == SRV_KIND_CHAT && !given &&
       get_int(body, "max_completion_tokens", 1, lim->max_model_len, &v, &given, err))
     return -1;
@@ -388,6 +391,7 @@ int srv_request_parse(const char *body, size_t len, srv_kind kind, const srv_lim
   memset(out, 0, sizeof *out);
   out->kind = kind;
   out->logprobs = -1;
+  out->prompt_logprobs = -1;
   out->add_generation_prompt = 1;
   out->add_special_tokens = kind == SRV_KIND_COMPLETION;
   json_t *root = load_body(body, len, err);
@@ -405,8 +409,8 @@ int srv_request_parse(const char *body, size_t len, srv_kind kind, const srv_lim
       srv_fail(err, 400, "suffix", "'suffix' is not supported");
       goto done;
     }
-    if (out->echo && out->logprobs >= 0) {
-      srv_fail(err, 400, "echo", "'echo' together with 'logprobs' is not supported");
+    if (out->max_tokens == 0 && !out->echo) {
+      srv_fail(err, 400, "max_tokens", "'max_tokens' must be at least 1 (0 only with 'echo')");
       goto done;
     }
     if ((long long)out->n_prompts * out->n > 4 * (long long)lim->max_n) {
@@ -444,6 +448,14 @@ int srv_request_parse(const char *body, size_t len, srv_kind kind, const srv_lim
     }
     out->logprobs = lp ? (int)top : -1;
   }
+  long long plp = -1;
+  if (get_int(root, "prompt_logprobs", 0, lim->max_logprobs, &plp, NULL, err)) goto done;
+  /* As vLLM: prompt logprobs come only with the whole response, never in a stream. */
+  if (plp > 0 && out->stream) {
+    srv_fail(err, 400, "prompt_logprobs", "'prompt_logprobs' are not available when 'stream' is true");
+    goto done;
+  }
+  out->prompt_logprobs = (int)plp;
   out->sampling.logprobs = out->logprobs;
   rc = 0;
 done:

@@ -52,7 +52,8 @@ typedef struct {
   int stream;
   int include_usage;
   int n;
-  int max_tokens;              /* -1: not given (the server picks the default) */
+  int max_tokens;              /* -1: not given (the server picks the default); 0: completions
+                                  with echo only: the prompt comes back, nothing generated */
   int min_tokens;
   int ignore_eos;
   int skip_special_tokens;
@@ -65,6 +66,7 @@ typedef struct {
   float *bias;                 /* [n_bias] */
   int n_bias;
   int logprobs;                /* -1: none; k: sampled token plus top k */
+  int prompt_logprobs;         /* vLLM's extra: -1: none; k: each prompt token plus the top k */
   sampling_params sampling;    /* bias pointers point into this request */
 } srv_request;
 
