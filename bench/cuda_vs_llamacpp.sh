@@ -2,7 +2,8 @@
 # tessera vs llama.cpp on one CUDA GPU, side by side on the same BF16 weights: a random checkpoint
 # at a published shape (tools/gen_checkpoint.py PRESET --dtype bf16 --gguf), its Hugging Face
 # directory for tessera and its GGUF for llama.cpp. Figures, each with tessera / llama.cpp:
-#   - prefill of PP tokens and decode of TG tokens at batch 1 (tessera bench; llama-bench -fa 1);
+#   - prefill of PP tokens and decode of TG tokens after a PP-token prompt at batch 1 (tessera
+#     bench; llama-bench -fa 1, the decode with -d PP);
 #   - total decode tokens/s at 1, 8, 32, 64, 128, 256 sequences of PP prompt tokens each
 #     (tessera bench --batch B; llama-batched-bench -fa 1 -npl ...);
 #   - the device copy bandwidth (read + write) and the bf16 matmul rate, measured in the same run
@@ -78,13 +79,20 @@ for B in $BATCHES; do
 done
 
 echo "== llama.cpp =="
-"$LB/llama-bench" -m "$G" -ngl 99 -fa 1 -p "$PP" -n "$TG" -r "$REPS" -o json \
-  >"$R/llama_bench.json" || exit 1
+# Prefill from an empty cache; decode after a PP-token prompt (-d), as tessera bench decodes.
+"$LB/llama-bench" -m "$G" -ngl 99 -fa 1 -p "$PP" -n 0 -r "$REPS" -o json \
+  >"$R/llama_bench_pp.json" || exit 1
+"$LB/llama-bench" -m "$G" -ngl 99 -fa 1 -p 0 -n "$TG" -d "$PP" -r "$REPS" -o json \
+  >"$R/llama_bench_tg.json" || exit 1
+python3 -c 'import json,sys; print(json.dumps(sum((json.load(open(f)) for f in sys.argv[1:]), [])))' \
+  "$R/llama_bench_pp.json" "$R/llama_bench_tg.json" >"$R/llama_bench.json" || exit 1
+cat "$R/llama_bench.json"
 NPL=$(echo $BATCHES | tr ' ' ',')
 MAXB=$(echo $BATCHES | tr ' ' '\n' | sort -n | tail -1)
 "$LB/llama-batched-bench" -m "$G" -ngl 99 -fa 1 -c $(((PP + TG_BATCH) * MAXB + 256)) -b 2048 \
   -ub 512 -npp "$PP" -ntg "$TG_BATCH" -npl "$NPL" --output-format jsonl 2>/dev/null \
   | grep '^{' >"$R/llama_batched.jsonl" || exit 1
+cat "$R/llama_batched.jsonl"
 
 python3 - "$R" "$M/config.json" "$PP" "$TG_BATCH" <<'EOF'
 import json, sys

@@ -13,6 +13,7 @@
 #include <math.h>
 
 #include "attention.cuh"
+#include "attention_decode.cuh"
 #include "attention_prefill.cuh"
 #include "graph.cuh"
 
@@ -550,6 +551,8 @@ void cuda_op_attention(void *ctx, const kv_cache *kv, int layer, const float *q,
   /* A sequence with several query tokens: the tensor-core kernel, where it applies. */
   if (c->n_tokens > c->n_seqs && cuda_attention_prefill(c, kv, layer, q, n_head_l, scale, out))
     return;
+  /* One token per sequence: the key-split decode kernel, where it applies. */
+  if (cuda_attention_decode(c, kv, layer, q, n_head_l, scale, out)) return;
   const int group = n_head_l / n_kv;
   const int hpt = group < CUDA_ATTN_ROWS ? group : CUDA_ATTN_ROWS;
   int tqi = 0; /* largest token tile with tq * hpt <= 16 */

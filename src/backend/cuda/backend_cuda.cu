@@ -402,6 +402,7 @@ static void cuda_ctx_free(cuda_ctx *c) {
   cudaFree(c->cublas_ws);
   cudaFree(c->conv);
   cudaFree(c->attn_ws);
+  cudaFree(c->attn_cnt);
   cudaFree(c->rows_dev);
   cudaFree(c->samp_dev);
   cudaFree(c->fuse_ws);

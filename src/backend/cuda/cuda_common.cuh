@@ -79,6 +79,8 @@ typedef struct cuda_ctx {
   size_t conv_cap;
   float *attn_ws;  /* split-KV partial results */
   size_t attn_ws_cap;
+  unsigned *attn_cnt; /* split decode attention: splits finished per (sequence, KV head) */
+  size_t attn_cnt_cap;
   int32_t *rows_dev; /* gather_rows indices that arrived in host memory */
   size_t rows_cap;
   void *fuse_ws;     /* fused ops' fallback: normed input (and up) of a step too big to fuse */

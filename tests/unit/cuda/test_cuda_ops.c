@@ -462,7 +462,7 @@ static void test_silu_mul(void) {
 typedef struct {
   const char *name;
   int n_seqs;
-  int new_toks[4], ctx[4];
+  int new_toks[256], ctx[256];
   int n_kv, n_head, hd, block_size;
   ts_dtype kv_dtype;
 } att_case;
@@ -621,6 +621,51 @@ static void test_attention(void) {
       {"decode tiled MHA hd96 f16", 3, {1, 1, 1}, {2000, 129, 1}, 16, 16, 96, 32, TS_F16},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) test_attention_case(&cases[i]);
+}
+
+/* The key-split decode kernel (attention_decode.cu): 1..256 sequences of random, mostly odd
+ * context lengths, GQA groups 1/2/4/8, head_dim 64/128, every cache dtype, the default split and
+ * forced split counts whose last splits lie past every context (the context bucket of a decode
+ * step is a power of two >= 256). */
+static void test_attention_decode_split(void) {
+  static const struct {
+    int n_seqs, n_kv, group, hd, max_ctx, splits, unroll;
+    ts_dtype dt;
+  } dc[] = {
+      {1, 8, 2, 128, 900, 0, 0, TS_BF16}, /* the Qwen3-0.6B shape at batch 1 */
+      {1, 2, 8, 64, 700, 0, 0, TS_F32},    {3, 4, 1, 128, 600, 0, 8, TS_F16},
+      {7, 2, 4, 128, 1200, 5, 0, TS_BF16}, {2, 1, 4, 64, 300, 64, 0, TS_BF16},
+      {5, 3, 2, 128, 200, 200, 8, TS_F32}, /* one key or none per split */
+      {17, 4, 2, 64, 500, 1, 0, TS_F16},   {64, 8, 2, 128, 400, 0, 0, TS_BF16},
+      {256, 8, 2, 128, 160, 0, 0, TS_BF16}, {256, 8, 2, 128, 200, 2, 8, TS_BF16},
+      {256, 2, 8, 64, 300, 3, 0, TS_F32},
+  };
+  for (size_t i = 0; i < sizeof dc / sizeof dc[0]; i++) {
+    static att_case ac; /* 2 KB of arrays */
+    char name[96];
+    memset(&ac, 0, sizeof ac);
+    snprintf(name, sizeof name, "decode split %d seqs GQA%d hd%d %s splits %d unroll %d",
+             dc[i].n_seqs, dc[i].group, dc[i].hd, ts_dtype_table[dc[i].dt].name, dc[i].splits,
+             dc[i].unroll);
+    ac.name = name;
+    ac.n_seqs = dc[i].n_seqs;
+    for (int s = 0; s < ac.n_seqs; s++) {
+      ac.new_toks[s] = 1;
+      ac.ctx[s] = 1 + rand_int(dc[i].max_ctx) / 2 * 2; /* odd: no split ends on a whole tile */
+    }
+    ac.n_kv = dc[i].n_kv;
+    ac.n_head = dc[i].n_kv * dc[i].group;
+    ac.hd = dc[i].hd;
+    ac.block_size = 8 << rand_int(3);
+    ac.kv_dtype = dc[i].dt;
+    char sp[16];
+    snprintf(sp, sizeof sp, "%d", dc[i].splits);
+    if (dc[i].splits) setenv("TESSERA_CUDA_DECODE_SPLITS", sp, 1);
+    if (dc[i].unroll) setenv("TESSERA_CUDA_DECODE_UNROLL", "8", 1);
+    test_attention_case(&ac);
+    unsetenv("TESSERA_CUDA_DECODE_SPLITS");
+    unsetenv("TESSERA_CUDA_DECODE_UNROLL");
+  }
 }
 
 /* ---- plan validation ---- */
@@ -1117,19 +1162,28 @@ int main(void) {
     return 1;
   }
   g_ops = g_be->ops;
+  g_rng.s = test_seed(0x63756461u);
   CHECK(strcmp(g_ops->name, "cuda") == 0);
-  test_embed_gather();
-  test_norms();
-  test_matmul();
-  test_rope();
-  test_silu_mul();
+  /* TESSERA_CUDA_OPS_ONLY=attention: the attention cases alone (for compute-sanitizer). */
+  const char *only = getenv("TESSERA_CUDA_OPS_ONLY");
+  int all = !only || strcmp(only, "attention") != 0;
+  if (all) {
+    test_embed_gather();
+    test_norms();
+    test_matmul();
+    test_rope();
+    test_silu_mul();
+  }
   test_attention();
-  test_step_errors();
-  test_fused_products();
-  test_qk_rope_kv();
-  test_sample_greedy();
-  test_sample_dist();
-  test_sample_large();
+  test_attention_decode_split();
+  if (all) {
+    test_step_errors();
+    test_fused_products();
+    test_qk_rope_kv();
+    test_sample_greedy();
+    test_sample_dist();
+    test_sample_large();
+  }
   check_sync("end");
   g_be->destroy(g_be);
   return test_finish("test_cuda_ops");
