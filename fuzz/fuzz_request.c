@@ -26,8 +26,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                                &err);
     if (rc == 0) {
       check(r.n >= 1 && r.n <= lim.max_n);
-      check(r.max_tokens == -1 || (r.max_tokens >= 1 && r.max_tokens <= lim.max_model_len));
+      check(r.max_tokens == -1 || (r.max_tokens >= 1 && r.max_tokens <= lim.max_model_len) ||
+            (r.max_tokens == 0 && which == 0 && r.echo));
       check(r.logprobs >= -1 && r.logprobs <= lim.max_logprobs);
+      check(r.prompt_logprobs >= -1 && r.prompt_logprobs <= lim.max_logprobs);
+      check(!r.stream || r.prompt_logprobs <= 0);
       check(r.sampling.temperature >= 0 && r.sampling.top_p > 0 && r.sampling.top_p <= 1);
       check(r.sampling.repetition_penalty > 0);
       for (int i = 0; i < r.n_stop; i++) check(r.stop[i] && r.stop[i][0]);
