@@ -621,6 +621,9 @@ static void qp_rows_unpacked(void *arg, int64_t g0, int64_t g1, int thread) {
  * groups are one contiguous stream. */
 #define QP_PFD 4096
 
+/* A 4-byte group of quantized x read in place (broadcast straight from memory). */
+typedef uint32_t qp_u32 __attribute__((may_alias, aligned(1)));
+
 /* One group of 16 rows x T tokens over all k/32 blocks, per block and token: 8 vpdpbusd of the
  * 16 rows' chunks against broadcast 4-byte groups of x, starting from -off * sum(x) (two chains
  * of exact int32 sums, added), then one convert, one scale product (16 row scales x the token's
@@ -649,14 +652,12 @@ static void qp_rows_unpacked(void *arg, int64_t g0, int64_t g1, int thread) {
         }                                                                                       \
       }                                                                                         \
       _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                                     \
-        const int8_t *xb = xq + t * k + b * 32;                                                 \
-        int32_t xw[8];                                                                          \
-        memcpy(xw, xb, 32);                                                                     \
+        const qp_u32 *xw = (const qp_u32 *)(xq + t * k + b * 32);                               \
         __m512i s0 = _mm512_set1_epi32(xc[t * nb + b]), s1 = _mm512_setzero_si512();            \
         /* Q4_0 chunk order: elements 0-3, 4-7, 8-11, 12-15 (low nibbles), then 16-19 ... */    \
         _Pragma("GCC unroll 4") for (int ch = 0; ch < 8; ch += 2) {                             \
-          s0 = _mm512_dpbusd_epi32(s0, wv[ch], _mm512_set1_epi32(xw[ch]));                      \
-          s1 = _mm512_dpbusd_epi32(s1, wv[ch + 1], _mm512_set1_epi32(xw[ch + 1]));              \
+          s0 = _mm512_dpbusd_epi32(s0, wv[ch], _mm512_set1_epi32((int)xw[ch]));                 \
+          s1 = _mm512_dpbusd_epi32(s1, wv[ch + 1], _mm512_set1_epi32((int)xw[ch + 1]));         \
         }                                                                                       \
         __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(xd[t * nb + b]));                          \
         acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc, acc[t]);     \
