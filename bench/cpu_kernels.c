@@ -9,6 +9,7 @@
  *   ./cpu_kernels [THREADS] [LEVEL] [BF16ACT] [FILTER]
  *
  * BF16ACT = 1 runs BF16 weights on activations rounded to BF16 (cpu_backend_set_bf16_act);
+ * TESSERA_CPU_AMX=1 / 0 in the environment turns the AMX kernel for BF16 weights on / off;
  * FILTER keeps the shapes whose name contains it.
  */
 #include <stdio.h>
@@ -59,8 +60,9 @@ int main(int argc, char **argv) {
                 {"down 1024x3072", 1024, 3072}, {"lm_head 151936x1024", 151936, 1024}};
   const ts_dtype dts[] = {TS_BF16, TS_F16, TS_Q8_0, TS_Q4_0};
   const int ns[] = {1, 16, 512};
-  printf("level %d, %d threads, bf16 activations %s\n", level, ((cpu_ctx *)be->ctx)->n_threads,
-         bf16_act ? "on" : "off");
+  printf("level %d, %d threads, bf16 activations %s, AMX %s (TESSERA_CPU_AMX)\n", level,
+         ((cpu_ctx *)be->ctx)->n_threads, bf16_act ? "on" : "off",
+         ((cpu_ctx *)be->ctx)->amx && level >= CPU_ISA_AVX512 ? "on" : "off");
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
     for (size_t d = 0; d < sizeof dts / sizeof dts[0]; d++) {
       if (!strstr(shapes[s].name, filter)) continue;
@@ -81,6 +83,12 @@ int main(int argc, char **argv) {
         }
       }
       ts_tensor t = {.data = w, .dtype = dts[d], .ndim = 2, .shape = {m, k}, .row_stride = k};
+      /* As a model load does: the quantized weights may be repacked (TESSERA_CPU_QREPACK=0
+       * keeps the file's layout). */
+      if (be->ops->weight_prepare(be->ctx, &t, &err) < 0) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 1;
+      }
       for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
         int n = ns[ni];
         if (m > 100000 && n > 16) continue; /* logits are for one row per sequence */
@@ -102,6 +110,7 @@ int main(int argc, char **argv) {
         free(x);
         free(y);
       }
+      be->ops->weight_release(be->ctx, &t);
       free(w);
     }
   backend_destroy(be);
