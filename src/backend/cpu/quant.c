@@ -619,7 +619,9 @@ static void qp_rows_unpacked(void *arg, int64_t g0, int64_t g1, int thread) {
 #if Q_X86
 /* Prefetch distance in the weight stream of a repacked tile: the group-blocks of a thread's
  * groups are one contiguous stream. */
-#define QP_PFD 4096
+#ifndef QP_PFD
+#define QP_PFD 8192
+#endif
 
 /* A 4-byte group of quantized x read in place (broadcast straight from memory). */
 typedef uint32_t qp_u32 __attribute__((may_alias, aligned(1)));
