@@ -13,7 +13,7 @@
  * Fragment layouts (PTX ISA, mma.m16n8k16 bf16): with r = lane / 4 and c = 2 * (lane % 4), the
  * A operand holds rows r and r + 8, columns c, c+1 and c+8, c+9; B holds rows (k) c, c+1 and
  * c+8, c+9 of column (n) r; the accumulator holds rows r and r + 8, columns c and c+1. The
- * scores' accumulators are therefore, repacked to bf16, the A operand of P V. */
+ * scores' accumulators are therefore, repacked to bf16, the A operand of P V (mma.cuh). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "attention_prefill.cuh"
+#include "mma.cuh"
 
 #define PF_WARPS 4
 #define PF_THREADS (PF_WARPS * 32)
@@ -36,43 +37,6 @@ struct pf_args {
   int n_seqs, max_blocks, block_size, n_kv, n_head, group, hb, head_tiles, tq;
   float qscale; /* softmax scale * log2(e) */
 };
-
-__device__ __forceinline__ uint32_t pf_pack(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&v);
-}
-
-/* d += a (16x16, row) * b (16x8, col) */
-__device__ __forceinline__ void pf_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void pf_ldmatrix_x4_trans(uint32_t &r0, uint32_t &r1, uint32_t &r2,
-                                                     uint32_t &r3, const void *p) {
-  unsigned a = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(a)
-               : "memory");
-}
-
-/* 16 bytes global -> shared without registers; valid == false writes zeros. */
-__device__ __forceinline__ void pf_cp_async16(void *dst, const void *src, bool valid) {
-  unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n)
-               : "memory");
-}
-__device__ __forceinline__ void pf_cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void pf_cp_async_wait1() {
-  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-}
 
 /* Four consecutive cache elements (16-byte aligned for F32, 8 for 16-bit) as floats. */
 __device__ __forceinline__ float4 pf_ld4(const float *p) { return *(const float4 *)p; }
@@ -138,8 +102,8 @@ __device__ __forceinline__ void pf_load_tile(const pf_args &a, const int32_t *bt
       if (valid)
         base = (((size_t)bt[p / a.block_size] * a.block_size + p % a.block_size) * a.n_kv + kvh) *
                    HD + col;
-      pf_cp_async16(dk + key * LD + col, kc + base, valid);
-      pf_cp_async16(dv + key * LD + col, vc + base, valid);
+      mma_cp_async16(dk + key * LD + col, kc + base, valid);
+      mma_cp_async16(dv + key * LD + col, vc + base, valid);
     }
   } else {
     /* Loads then stores, NB chunks at a time: with the loads of a batch in flight together, a
@@ -169,9 +133,9 @@ __device__ __forceinline__ void pf_load_tile(const pf_args &a, const int32_t *bt
         const int ci = threadIdx.x + (i0 + j) * PF_THREADS;
         const int key = ci / CPR, col = (ci % CPR) * 4;
         *(uint2 *)(dk + key * LD + col) =
-            make_uint2(pf_pack(kx[j].x, kx[j].y), pf_pack(kx[j].z, kx[j].w));
+            make_uint2(mma_pack_bf16(kx[j].x, kx[j].y), mma_pack_bf16(kx[j].z, kx[j].w));
         *(uint2 *)(dv + key * LD + col) =
-            make_uint2(pf_pack(vx[j].x, vx[j].y), pf_pack(vx[j].z, vx[j].w));
+            make_uint2(mma_pack_bf16(vx[j].x, vx[j].y), mma_pack_bf16(vx[j].z, vx[j].w));
       }
     }
   }
@@ -223,10 +187,10 @@ __global__ void __launch_bounds__(PF_THREADS) attention_prefill_kernel(pf_args a
       const float2 x0 = *(const float2 *)(qra + kc * 16), x1 = *(const float2 *)(qrb + kc * 16);
       const float2 x2 = *(const float2 *)(qra + kc * 16 + 8);
       const float2 x3 = *(const float2 *)(qrb + kc * 16 + 8);
-      qa[kc][0] = pf_pack(x0.x * a.qscale, x0.y * a.qscale);
-      qa[kc][1] = pf_pack(x1.x * a.qscale, x1.y * a.qscale);
-      qa[kc][2] = pf_pack(x2.x * a.qscale, x2.y * a.qscale);
-      qa[kc][3] = pf_pack(x3.x * a.qscale, x3.y * a.qscale);
+      qa[kc][0] = mma_pack_bf16(x0.x * a.qscale, x0.y * a.qscale);
+      qa[kc][1] = mma_pack_bf16(x1.x * a.qscale, x1.y * a.qscale);
+      qa[kc][2] = mma_pack_bf16(x2.x * a.qscale, x2.y * a.qscale);
+      qa[kc][3] = mma_pack_bf16(x3.x * a.qscale, x3.y * a.qscale);
     }
   }
   __syncthreads();
@@ -242,14 +206,14 @@ __global__ void __launch_bounds__(PF_THREADS) attention_prefill_kernel(pf_args a
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f; /* l: this thread's columns */
 
   if (n_kt > 0) pf_load_tile<HD, KT>(a, bt, kvh, 0, kend, ks, vs);
-  pf_cp_async_commit();
+  mma_cp_async_commit();
   for (int it = 0; it < n_kt; it++) {
     /* The next tile goes into the other stage, which the previous iteration finished reading. */
     if (it + 1 < n_kt)
       pf_load_tile<HD, KT>(a, bt, kvh, (it + 1) * PF_BK, kend, ks + ((it + 1) & 1) * PF_BK * LD,
                            vs + ((it + 1) & 1) * PF_BK * LD);
-    pf_cp_async_commit();
-    pf_cp_async_wait1();
+    mma_cp_async_commit();
+    mma_cp_async_wait1();
     __syncthreads();
     const int k0 = it * PF_BK;
     if (k0 < wmax) { /* warp-uniform: some row of the warp sees keys of this tile */
@@ -262,7 +226,7 @@ __global__ void __launch_bounds__(PF_THREADS) attention_prefill_kernel(pf_args a
 #pragma unroll
         for (int nj = 0; nj < PF_BK / 8; nj++) {
           const __nv_bfloat16 *kp = kt + (nj * 8 + r) * LD + kc * 16 + qc;
-          pf_mma(sc[nj], qa[kc], *(const uint32_t *)kp, *(const uint32_t *)(kp + 8));
+          mma_bf16_16816(sc[nj], qa[kc], *(const uint32_t *)kp, *(const uint32_t *)(kp + 8));
         }
       float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
@@ -308,19 +272,19 @@ __global__ void __launch_bounds__(PF_THREADS) attention_prefill_kernel(pf_args a
       }
 #pragma unroll
       for (int kk = 0; kk < PF_BK / 16; kk++) {
-        const uint32_t pa[4] = {pf_pack(sc[2 * kk][0], sc[2 * kk][1]),
-                                pf_pack(sc[2 * kk][2], sc[2 * kk][3]),
-                                pf_pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                                pf_pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+        const uint32_t pa[4] = {mma_pack_bf16(sc[2 * kk][0], sc[2 * kk][1]),
+                                mma_pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                                mma_pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                mma_pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
         /* ldmatrix .trans: matrices (keys +0/+8) x (dims +0/+8) give B of dims nd, nd+1 */
         const __nv_bfloat16 *vrow =
             vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
 #pragma unroll
         for (int ndp = 0; ndp < HD / 16; ndp++) {
           uint32_t b0, b1, b2, b3;
-          pf_ldmatrix_x4_trans(b0, b1, b2, b3, vrow + ndp * 16);
-          pf_mma(o[2 * ndp], pa, b0, b1);
-          pf_mma(o[2 * ndp + 1], pa, b2, b3);
+          mma_ldmatrix_x4_trans(b0, b1, b2, b3, vrow + ndp * 16);
+          mma_bf16_16816(o[2 * ndp], pa, b0, b1);
+          mma_bf16_16816(o[2 * ndp + 1], pa, b2, b3);
         }
       }
     }

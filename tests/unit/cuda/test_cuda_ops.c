@@ -465,6 +465,7 @@ typedef struct {
   int new_toks[256], ctx[256];
   int n_kv, n_head, hd, block_size;
   ts_dtype kv_dtype;
+  int bf16_ops; /* the kernel rounds its operands to bf16 (tensor cores) */
 } att_case;
 
 static void test_attention_case(const att_case *ac) {
@@ -578,7 +579,7 @@ static void test_attention_case(const att_case *ac) {
   /* A step with several tokens in a sequence and head_dim 64 or 128 runs on the tensor cores
    * with bf16 operands (test_cuda_prefill checks that kernel closely); the rest is float32. */
   int tc = nt > ac->n_seqs && (ac->hd == 64 || ac->hd == 128);
-  CHECK_CLOSE(what, h, ref, qn, tc ? 1e-2 : 2e-5);
+  CHECK_CLOSE(what, h, ref, qn, tc || ac->bf16_ops ? 1e-2 : 2e-5);
   check_sync(what);
 
   free(sc);
@@ -603,50 +604,55 @@ static void test_attention_case(const att_case *ac) {
 static void test_attention(void) {
   const att_case cases[] = {
       {"mixed prefill/decode GQA4 hd64", 4, {37, 1, 16, 5}, {50, 20, 16, 300}, 2, 8, 64, 16,
-       TS_F32},
-      {"stories-like hd8", 2, {9, 1}, {9, 33}, 4, 8, 8, 16, TS_F32},
-      {"MHA hd128 bf16", 3, {20, 1, 3}, {20, 70, 90}, 3, 3, 128, 32, TS_BF16},
+       TS_F32, 0},
+      {"stories-like hd8", 2, {9, 1}, {9, 33}, 4, 8, 8, 16, TS_F32, 0},
+      {"MHA hd128 bf16", 3, {20, 1, 3}, {20, 70, 90}, 3, 3, 128, 32, TS_BF16, 0},
       {"long decode split GQA8 hd128", 3, {1, 1, 1}, {700, 2100, 1500}, 2, 16, 128, 16,
-       TS_BF16},
-      {"group20 hd80 f16", 2, {3, 1}, {40, 600}, 1, 20, 80, 8, TS_F16},
-      {"long prefill chunk hd256", 1, {70, 0, 0, 0}, {1100, 0, 0, 0}, 1, 2, 256, 16, TS_F32},
-      /* decode kernel (one token per sequence, group <= 8, head_dim a multiple of 32) */
-      {"decode GQA4 hd64 f16", 4, {1, 1, 1, 1}, {1, 64, 300, 129}, 2, 8, 64, 16, TS_F16},
-      {"decode GQA2 hd96 f32", 2, {1, 1}, {5, 260}, 4, 8, 96, 16, TS_F32},
-      {"decode MHA hd32 bf16", 3, {1, 1, 1}, {33, 2, 520}, 4, 4, 32, 8, TS_BF16},
-      /* tiled decode kernel (key splits of >= 128 keys: few splits of long contexts) */
+       TS_BF16, 0},
+      {"group20 hd80 f16", 2, {3, 1}, {40, 600}, 1, 20, 80, 8, TS_F16, 0},
+      {"long prefill chunk hd256", 1, {70, 0, 0, 0}, {1100, 0, 0, 0}, 1, 2, 256, 16, TS_F32, 0},
+      /* decode steps (one token per sequence): head_dim 64/128 take the key-split kernel
+       * (attention_decode.cu), 32/96 the per-key and tiled kernels of attention.cu */
+      {"decode GQA4 hd64 f16", 4, {1, 1, 1, 1}, {1, 64, 300, 129}, 2, 8, 64, 16, TS_F16, 0},
+      {"decode GQA2 hd96 f32", 2, {1, 1}, {5, 260}, 4, 8, 96, 16, TS_F32, 0},
+      {"decode MHA hd32 bf16", 3, {1, 1, 1}, {33, 2, 520}, 4, 4, 32, 8, TS_BF16, 0},
+      /* long contexts in few splits (the tiled kernel for head_dim 96) */
       {"decode tiled GQA2 hd128 bf16", 4, {1, 1, 1, 1}, {1500, 37, 900, 2100}, 8, 16, 128, 16,
-       TS_BF16},
-      {"decode tiled GQA4 hd64 f32", 4, {1, 1, 1, 1}, {300, 1000, 5, 777}, 8, 32, 64, 16, TS_F32},
-      {"decode tiled MHA hd96 f16", 3, {1, 1, 1}, {2000, 129, 1}, 16, 16, 96, 32, TS_F16},
+       TS_BF16, 0},
+      {"decode tiled GQA4 hd64 f32", 4, {1, 1, 1, 1}, {300, 1000, 5, 777}, 8, 32, 64, 16, TS_F32, 0},
+      {"decode tiled MHA hd96 f16", 3, {1, 1, 1}, {2000, 129, 1}, 16, 16, 96, 32, TS_F16, 0},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) test_attention_case(&cases[i]);
 }
 
-/* The key-split decode kernel (attention_decode.cu): 1..256 sequences of random, mostly odd
- * context lengths, GQA groups 1/2/4/8, head_dim 64/128, every cache dtype, the default split and
- * forced split counts whose last splits lie past every context (the context bucket of a decode
- * step is a power of two >= 256). */
+/* The key-split decode kernels (attention_decode.cu, CUDA-core and tensor-core forms): 1..256
+ * sequences of random odd context lengths, GQA groups 1/2/3/4/8, head_dim 64/128, every cache
+ * dtype, the default split and forced split counts whose last splits lie past every context (the
+ * context bucket of a decode step is a power of two >= 256). */
 static void test_attention_decode_split(void) {
   static const struct {
-    int n_seqs, n_kv, group, hd, max_ctx, splits, unroll;
+    int n_seqs, n_kv, group, hd, max_ctx, splits, unroll, mma;
     ts_dtype dt;
   } dc[] = {
-      {1, 8, 2, 128, 900, 0, 0, TS_BF16}, /* the Qwen3-0.6B shape at batch 1 */
-      {1, 2, 8, 64, 700, 0, 0, TS_F32},    {3, 4, 1, 128, 600, 0, 8, TS_F16},
-      {7, 2, 4, 128, 1200, 5, 0, TS_BF16}, {2, 1, 4, 64, 300, 64, 0, TS_BF16},
-      {5, 3, 2, 128, 200, 200, 8, TS_F32}, /* one key or none per split */
-      {17, 4, 2, 64, 500, 1, 0, TS_F16},   {64, 8, 2, 128, 400, 0, 0, TS_BF16},
-      {256, 8, 2, 128, 160, 0, 0, TS_BF16}, {256, 8, 2, 128, 200, 2, 8, TS_BF16},
-      {256, 2, 8, 64, 300, 3, 0, TS_F32},
+      {1, 8, 2, 128, 900, 0, 0, 0, TS_BF16}, /* the Qwen3-0.6B shape at batch 1 */
+      {1, 2, 8, 64, 700, 0, 0, 0, TS_F32},    {3, 4, 1, 128, 600, 0, 8, 0, TS_F16},
+      {7, 2, 4, 128, 1200, 5, 0, 0, TS_BF16}, {2, 1, 4, 64, 300, 64, 0, 0, TS_BF16},
+      {5, 3, 2, 128, 200, 200, 8, 0, TS_F32}, /* one key or none per split */
+      {17, 4, 2, 64, 500, 1, 0, 0, TS_F16},   {64, 8, 2, 128, 400, 0, 0, 0, TS_BF16},
+      {256, 8, 2, 128, 160, 0, 0, 0, TS_BF16}, {256, 8, 2, 128, 200, 2, 8, 0, TS_BF16},
+      {256, 2, 8, 64, 300, 3, 0, 0, TS_F32},
+      /* the tensor-core form (BF16 cache) */
+      {1, 8, 2, 128, 900, 0, 0, 1, TS_BF16},  {7, 2, 4, 128, 1200, 5, 0, 1, TS_BF16},
+      {2, 4, 1, 128, 300, 64, 0, 1, TS_BF16}, {5, 2, 8, 64, 400, 3, 0, 1, TS_BF16},
+      {40, 1, 3, 64, 700, 0, 0, 1, TS_BF16},  {256, 8, 2, 128, 200, 0, 0, 1, TS_BF16},
   };
   for (size_t i = 0; i < sizeof dc / sizeof dc[0]; i++) {
     static att_case ac; /* 2 KB of arrays */
     char name[96];
     memset(&ac, 0, sizeof ac);
-    snprintf(name, sizeof name, "decode split %d seqs GQA%d hd%d %s splits %d unroll %d",
+    snprintf(name, sizeof name, "decode split %d seqs GQA%d hd%d %s splits %d unroll %d mma %d",
              dc[i].n_seqs, dc[i].group, dc[i].hd, ts_dtype_table[dc[i].dt].name, dc[i].splits,
-             dc[i].unroll);
+             dc[i].unroll, dc[i].mma);
     ac.name = name;
     ac.n_seqs = dc[i].n_seqs;
     for (int s = 0; s < ac.n_seqs; s++) {
@@ -662,9 +668,12 @@ static void test_attention_decode_split(void) {
     snprintf(sp, sizeof sp, "%d", dc[i].splits);
     if (dc[i].splits) setenv("TESSERA_CUDA_DECODE_SPLITS", sp, 1);
     if (dc[i].unroll) setenv("TESSERA_CUDA_DECODE_UNROLL", "8", 1);
+    if (dc[i].mma) setenv("TESSERA_CUDA_DECODE_MMA", "1", 1);
+    ac.bf16_ops = dc[i].mma;
     test_attention_case(&ac);
     unsetenv("TESSERA_CUDA_DECODE_SPLITS");
     unsetenv("TESSERA_CUDA_DECODE_UNROLL");
+    unsetenv("TESSERA_CUDA_DECODE_MMA");
   }
 }
 
