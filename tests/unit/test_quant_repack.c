@@ -3,8 +3,9 @@
  * gives), release puts the view back; (2) the matmul at every kernel level against a
  * double-precision sum over the same integer blocks and against dequantize-then-float64 with the
  * unquantized activations; (3) a token's output has the same bits alone and as row t of an
- * n-token product (n = 1..20 and 300+). Random non-zero data, m not a multiple of 16, k = 32, 96
- * and random multiples of 32, padded file row strides, with and without bias. */
+ * n-token product (n = 1..20 and 300+); (4) the embedding op reads a repacked table's rows.
+ * Random non-zero data, m not a multiple of 16, k = 32, 96 and random multiples of 32, padded
+ * file row strides, with and without bias. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -108,6 +109,39 @@ static void check_round_trip(backend *be, const qweight *w, int packed) {
   free(g);
 }
 
+/* The embedding op reads a repacked table's rows as the file's rows dequantized. */
+static void test_embed(backend *be, ts_dtype dt) {
+  int vocab = rand_int(17, 70), d = 32 * rand_int(1, 5), n = rand_int(1, 40);
+  qweight w = make_qweight(dt, vocab, d, d);
+  ts_err err = {0};
+  CHECK(be->ops->weight_prepare(be->ctx, &w.t, &err) == 0);
+  kv_cache kv;
+  CHECK(kv_cache_create(&kv, be, 1, 4, 16, 1, 2, &err) == 0);
+  int32_t tokens[40], pos[40], seq_start[2] = {0, n}, ctx_len[1] = {n}, table[4] = {3, 1, 0, 2};
+  for (int t = 0; t < n; t++) {
+    tokens[t] = rand_int(0, vocab - 1);
+    pos[t] = t;
+  }
+  ts_batch b = {.n_tokens = n, .tokens = tokens, .pos = pos, .n_seqs = 1,
+                .seq_start = seq_start, .ctx_len = ctx_len, .max_blocks = 4,
+                .block_table = table};
+  CHECK(be->ops->step_begin(be->ctx, &b, &kv, &err) == 0);
+  float *out = malloc(sizeof(float) * n * d), *want = malloc(sizeof(float) * d);
+  be->ops->embed(be->ctx, &w.t, n, d, out);
+  int bad = 0;
+  for (int t = 0; t < n; t++) {
+    cpu_row_to_f32(be->ctx, dt, w.buf + w.row_bytes * tokens[t], d, want);
+    bad += memcmp(out + (size_t)t * d, want, sizeof(float) * d) != 0;
+  }
+  CHECK_MSG(bad == 0, "%s embedding: %d of %d rows differ from the file's", ts_dtype_table[dt].name,
+            bad, n);
+  free(out);
+  free(want);
+  kv_cache_free(&kv, be);
+  be->ops->weight_release(be->ctx, &w.t);
+  free_qweight(&w);
+}
+
 static void test_shape(backend *be, int threads, ts_dtype dt, int m, int k, int n,
                        int with_bias) {
   cpu_ctx *c = be->ctx;
@@ -204,6 +238,7 @@ int main(void) {
       }
       test_shape(be, threads, dts[di], 2 * rand_int(8, 40) + 1, 32 * rand_int(1, 6),
                  rand_int(300, 340), 1);
+      test_embed(be, dts[di]);
     }
     /* A weight left in place is not mistaken for a repacked one. */
     qweight w = make_qweight(TS_Q8_0, 5, 64, 64);
