@@ -4,41 +4,29 @@
 # its GGUF, decode timings of the key-split attention against the kernels before it
 # (TESSERA_CUDA_DECODE_ATTN=0) at 1..256 sequences, tuning of its split count and rows in flight,
 # the tensor-core form against the CUDA-core one, and bench/cuda_vs_llamacpp.sh against a llama.cpp
-# CUDA build made there from the packed source .gpu-peer/llama-src.tar.xz. Logs go to $OUT.
-# Usage (there, from the checkout, carrying .gpu, and .gpu-peer for the peer step):
+# CUDA build. Logs go to $OUT.
+# Usage (there, from the checkout, carrying .gpu):
 #   bash tools/cuda_decode_gpu.sh [steps...]
-#   steps: peer ops memcheck mma ab tune prof stories e2e vs
-# The llama.cpp build (~5-6 min on 16 cores) goes to /tmp/llama.cpp-build, outside the checkout:
-# a build inside a carried folder is replaced by the next call's copy of that folder. The
-# machine keeps it only while warm (30 s after a call), so `peer vs` belong in one call of their
-# own (the build first, in the background; vs waits for it).
+#   steps: ops memcheck mma ab tune prof stories e2e vs
+# llama.cpp is not part of this repository: build it with CUDA by hand on that machine, outside
+# the checkout, and give its bin/ directory as LLAMA_BIN (the `vs` step), with LLAMA_GGUF_PY
+# naming a gguf-py directory (from its source) for writing the GGUF when the python `gguf`
+# package is not installed.
 # VS_BUDGET: seconds since the start after which the side-by-side run is skipped (default 330).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${OUT:-/tmp/cuda_decode_out}
 mkdir -p "$LOG"
-STEPS=${*:-peer ops memcheck ab prof vs}
+STEPS=${*:-ops memcheck ab prof vs}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 R=/tmp/tessera_gpu
 T=$R/tessera
 W=/tmp/tessera_vs
 M=$W/qwen3-0.6b
-P=.gpu-peer
-LS=/tmp/llama.cpp-src      # the unpacked source (its gguf-py writes the GGUF)
-LB=/tmp/llama.cpp-build
+LB=${LLAMA_BIN:-}
+[ -n "${LLAMA_GGUF_PY:-}" ] && export PYTHONPATH=$LLAMA_GGUF_PY${PYTHONPATH:+:$PYTHONPATH}
 status=0
 SECONDS=0
-
-if want peer && [ ! -x $LB/bin/llama-batched-bench ]; then
-  mkdir -p $LS && { [ -d $LS/llama.cpp ] || tar -xJf $P/llama-src.tar.xz -C $LS; } || exit 1
-  ( nice -n 19 cmake -S $LS/llama.cpp -B $LB -G Ninja -DGGML_CUDA=ON \
-      -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release \
-      -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
-      -DGGML_CCACHE=OFF >$LB.log 2>&1 &&
-    nice -n 19 cmake --build $LB --target llama-bench llama-batched-bench -j 16 >>$LB.log 2>&1
-    echo "llama.cpp build rc=$? after ${SECONDS}s" >>$LB.log ) &
-  PEER_PID=$!
-fi
 
 # Unpacks the binaries (with wrappers that find their libraries) and runs test_cuda_ops.
 if want ops; then bash tools/cuda_gpu.sh ops || status=1; else bash tools/cuda_gpu.sh none; fi
@@ -52,14 +40,13 @@ if want memcheck; then
 fi
 
 if ! want mma && { [ ! -f "$M/config.json" ] || [ ! -f "$W/qwen3-0.6b-bf16.gguf" ]; }; then
-  [ -d $LS/llama.cpp ] || { mkdir -p $LS && tar -xJf $P/llama-src.tar.xz -C $LS; }
-  PYTHONPATH=$LS/llama.cpp/gguf-py python3 tools/gen_checkpoint.py qwen3-0.6b "$M" --dtype bf16 \
+  python3 tools/gen_checkpoint.py qwen3-0.6b "$M" --dtype bf16 \
     --gguf "$W/qwen3-0.6b-bf16.gguf" --jobs 8 >"$W.gen.log" 2>&1 || { tail -5 "$W.gen.log"; status=1; }
 fi
 
 B=$LOG/bench.txt
 if want mma; then # the tensor-core form against the CUDA-core one, in under a minute
-  PYTHONPATH=$LS/llama.cpp/gguf-py python3 tools/gen_checkpoint.py qwen3-0.6b "$M" --dtype bf16 \
+  python3 tools/gen_checkpoint.py qwen3-0.6b "$M" --dtype bf16 \
     --jobs 16 >"$W.gen.log" 2>&1 &
   GEN=$!
   TESSERA_CUDA_OPS_ONLY=attention "$R/test_cuda_ops" >"$LOG/ops_attention.log" 2>&1
@@ -122,15 +109,12 @@ if want e2e; then
 fi
 
 if want vs; then
-  if [ -n "${PEER_PID:-}" ]; then wait "$PEER_PID"; fi
-  grep -E -B2 -A3 " error|Error" $LB.log 2>/dev/null | head -40 | tee "$LOG/peer_build.txt"
-  tail -n 3 $LB.log 2>/dev/null | tee -a "$LOG/peer_build.txt"
-  if [ ! -x $LB/bin/llama-batched-bench ]; then
-    echo "no llama.cpp build"; status=1
+  if [ -z "$LB" ] || [ ! -x "$LB/llama-batched-bench" ]; then
+    echo "no llama.cpp build (LLAMA_BIN=${LB:-unset})"; status=1
   elif [ $SECONDS -gt "${VS_BUDGET:-330}" ]; then
     echo "side-by-side skipped: ${SECONDS}s spent"
   else
-    PYTHONPATH=$LS/llama.cpp/gguf-py bash bench/cuda_vs_llamacpp.sh $LB/bin "$T" "$W" \
+    bash bench/cuda_vs_llamacpp.sh "$LB" "$T" "$W" \
       2>&1 | grep -v "^ggml_cuda_init\|^  Device" | tee "$LOG/vs.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   fi
