@@ -4,6 +4,8 @@ the server's own sampled-token logprobs on every prefix; chunked prefill, prefix
 streaming, the mp executor and the error paths."""
 import json
 import math
+import socket
+import time
 
 import numpy as np
 import openai
@@ -242,6 +244,17 @@ def test_stream_echo_logprobs(server):
             assert got == want
 
 
+def test_stream_echo_n2(server):
+    ids = server.ids(rand_text(RNG.randint(3, 8)))
+    chunks = [c.choices[0] for c in completion(server, [ids, ids[:2]], stream=True, n=2,
+                                               max_tokens=3, echo=True, logprobs=1)]
+    for i in range(4):
+        mine = [c for c in chunks if c.index == i]
+        n = len(ids) if i < 2 else 2
+        assert len(mine[0].logprobs.tokens) == n + 1 and mine[0].logprobs.token_logprobs[0] is None
+        assert sum(len(c.logprobs.tokens) for c in mine if c.logprobs) == n + 3
+
+
 def test_n_and_several_prompts(server, ref):
     a, b = server.ids(rand_text(5)), server.ids(rand_text(9))
     r = completion(server, [a, b], max_tokens=3, n=3, temperature=1.0,
@@ -325,6 +338,28 @@ def test_mp_executor(tessera, model, server):
         assert r.choices[0].logprobs.token_logprobs[0] is None
     finally:
         s.stop()
+
+
+def test_client_gone_mid_prompt(server):
+    """A client that hangs up while its prompt logprobs are computed frees everything."""
+    ids = server.ids(rand_text(110))
+    body = json.dumps({"prompt": [ids] * 4, "max_tokens": 5, "n": 2, "prompt_logprobs": 20})
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port)) as sk:
+            sk.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                        f"application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+    deadline = time.time() + 30
+    while True:
+        status, text = server.request("GET", "/metrics")
+        m = {ln.rsplit(" ", 1)[0].split("{")[0]: float(ln.rsplit(" ", 1)[1])
+             for ln in text.decode().splitlines() if ln and not ln.startswith("#")}
+        if (m["tessera:num_requests_running"] == 0 and m["tessera:num_requests_waiting"] == 0
+                and m["tessera:http_requests_active"] == 0
+                and m["tessera:kv_blocks_free"] == m["tessera:kv_blocks_total"]):
+            break
+        assert time.time() < deadline, m
+        time.sleep(0.05)
+    assert completion(server, [ids[:5]], max_tokens=1, extra_body={"prompt_logprobs": 1})
 
 
 # ---- errors -------------------------------------------------------------------------------
