@@ -280,6 +280,7 @@ static void cpu_destroy(backend *b) {
     free(c->scratch);
     free(c->act);
     cpu_quant_free(c);
+    free(c->amx_x);
     free(c);
   }
   free(b);
@@ -307,7 +308,11 @@ int backend_cpu_create(backend **out, int threads, ts_err *err) {
 #if defined(__x86_64__)
   c->has_bf16 = c->isa_max >= CPU_ISA_AVX512 && __builtin_cpu_supports("avx512bf16");
 #endif
-  LOG_I("cpu backend: %d threads, %s kernels", c->n_threads, isa_name(c->simd));
+  c->has_amx = c->isa_max >= CPU_ISA_AVX512 && cpu_amx_available();
+  const char *amx_env = getenv("TESSERA_CPU_AMX"); /* 0: off, 1: on where the CPU has it */
+  c->amx = c->has_amx && (amx_env ? strcmp(amx_env, "0") != 0 : CPU_AMX_DEFAULT);
+  LOG_I("cpu backend: %d threads, %s kernels%s", c->n_threads, isa_name(c->simd),
+        c->amx ? ", AMX-BF16 for BF16 weights" : "");
   *out = b;
   return 0;
 }
@@ -321,6 +326,12 @@ int cpu_backend_set_bf16_act(backend *b, int on) {
   cpu_ctx *c = b->ctx;
   c->bf16_act = on && c->has_bf16;
   return c->bf16_act;
+}
+
+int cpu_backend_set_amx(backend *b, int on) {
+  cpu_ctx *c = b->ctx;
+  c->amx = on && c->has_amx;
+  return c->amx;
 }
 
 int cpu_backend_set_isa(backend *b, int level) {

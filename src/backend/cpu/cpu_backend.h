@@ -19,6 +19,10 @@ enum {
   CPU_ISA_VNNI = 3,   /* AVX-512 VNNI (int8 dot products of the quantized kernels) */
 };
 
+/* Whether BF16 weights use AMX by default where the CPU has it (env TESSERA_CPU_AMX=0/1
+ * overrides). */
+#define CPU_AMX_DEFAULT 1
+
 typedef struct {
   threadpool *pool;
   int n_threads;
@@ -26,6 +30,8 @@ typedef struct {
   int isa_max;  /* best level this CPU supports */
   int has_bf16; /* AVX512-BF16 (vdpbf16ps) */
   int bf16_act; /* opt-in: BF16 weights multiply activations rounded to BF16 (llama.cpp's way) */
+  int has_amx;  /* AMX-TILE + AMX-BF16 usable (CPUID, OS tile state, kernel permission) */
+  int amx;      /* BF16 weights go through the AMX kernel (amx.c) for every n */
 
   /* The staged step (step_begin). */
   int n_tokens;
@@ -56,6 +62,10 @@ typedef struct {
   size_t cap_act;
   /* Q8_0/Q4_0 weights repacked at load for the VNNI kernels (quant.c). */
   struct cpu_qpack *qpack;
+
+  /* Activations packed for the AMX kernel: [n/16][k/2][16][2] bf16. */
+  uint16_t *amx_x;
+  size_t cap_amx_x;
 } cpu_ctx;
 
 /* Creates the CPU backend with `threads` threads (0 = all cores). */
@@ -68,6 +78,9 @@ void cpu_backend_force_scalar(backend *b, int on);
 int cpu_backend_set_bf16_act(backend *b, int on);
 /* Tests: use kernel level min(level, what the CPU has); returns the level in use. */
 int cpu_backend_set_isa(backend *b, int level);
+/* AMX for BF16 weights (activations rounded to BF16, float32 sums): on = 1 when the CPU has it,
+ * 0 off. Used only at kernel level CPU_ISA_AVX512 and up. Returns whether it is now on. */
+int cpu_backend_set_amx(backend *b, int on);
 
 /* Makes sure every thread has at least n floats of scratch; returns 0 or TS_ENOMEM. */
 int cpu_scratch_reserve(cpu_ctx *c, size_t n);
@@ -109,6 +122,12 @@ void cpu_matmul_avx512_rows(const cpu_mm_args *a, int64_t r0, int64_t r1, int th
  * dtype does not allow it. */
 int cpu_matmul_avx512(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias,
                       int n, float *y);
+
+/* AMX-BF16 (amx.c): whether this CPU and OS let the process use it (asks the kernel once), and
+ * the whole matmul for a BF16 weight; returns 0 (nothing done) when AMX is off or not usable. */
+int cpu_amx_available(void);
+int cpu_matmul_amx(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias, int n,
+                   float *y);
 
 /* aarch64 NEON kernels for F32/F16/BF16 weights (matmul_neon.c); 0 when not handled. */
 int cpu_matmul_neon(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_tensor *bias, int n,

@@ -311,8 +311,8 @@ void cpu_matmul(void *ctx, const float *x, const ts_tensor *w, const ts_tensor *
                 float *y) {
   cpu_ctx *c = ctx;
   matmul_job j = {c, x, w, bias, n, w->shape[1], w->shape[0], y};
-  if (n <= 0 || cpu_matmul_avx512(c, x, w, bias, n, y) || cpu_matmul_neon(c, x, w, bias, n, y) ||
-      cpu_matmul_quant(c, x, w, bias, n, y))
+  if (n <= 0 || cpu_matmul_amx(c, x, w, bias, n, y) || cpu_matmul_avx512(c, x, w, bias, n, y) ||
+      cpu_matmul_neon(c, x, w, bias, n, y) || cpu_matmul_quant(c, x, w, bias, n, y))
     return;
   if (cpu_scratch_reserve(c, (size_t)MM_ROWS * (size_t)j.k + MM_ROWS) < 0) {
     /* Out of memory for a few rows of scratch: nothing sane to compute; poison the output so
