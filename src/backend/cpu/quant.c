@@ -338,27 +338,30 @@ static const qpack_entry *qp_find(const cpu_ctx *c, const void *data) {
   return NULL;
 }
 
-/* File block b of row r (within its group) from group-block gb, and the reverse. */
+/* File block b of row r (within its group) from group-block gb, and the reverse; the quants
+ * move in the 4-byte groups of the layout (Q8_0 flips each byte's top bit: w + 128). */
 static void qp_unpack_block(ts_dtype dt, const uint8_t *gb, int r, uint8_t *out) {
   memcpy(out, gb + 2 * r, 2);
   const uint8_t *q = gb + 2 * QP_ROWS;
-  int chunks = dt == TS_Q8_0 ? 8 : 4;
-  for (int ch = 0; ch < chunks; ch++)
-    for (int i = 0; i < 4; i++) {
-      uint8_t v = q[ch * 64 + r * 4 + i];
-      out[2 + ch * 4 + i] = dt == TS_Q8_0 ? (uint8_t)(v ^ 0x80) : v;
-    }
+  const uint32_t flip = dt == TS_Q8_0 ? 0x80808080u : 0;
+  for (int ch = 0; ch < (dt == TS_Q8_0 ? 8 : 4); ch++) {
+    uint32_t v;
+    memcpy(&v, q + ch * 64 + r * 4, 4);
+    v ^= flip;
+    memcpy(out + 2 + ch * 4, &v, 4);
+  }
 }
 
 static void qp_pack_block(ts_dtype dt, const uint8_t *blk, int r, uint8_t *gb) {
   memcpy(gb + 2 * r, blk, 2);
   uint8_t *q = gb + 2 * QP_ROWS;
-  int chunks = dt == TS_Q8_0 ? 8 : 4;
-  for (int ch = 0; ch < chunks; ch++)
-    for (int i = 0; i < 4; i++) {
-      uint8_t v = blk[2 + ch * 4 + i];
-      q[ch * 64 + r * 4 + i] = dt == TS_Q8_0 ? (uint8_t)(v ^ 0x80) : v;
-    }
+  const uint32_t flip = dt == TS_Q8_0 ? 0x80808080u : 0;
+  for (int ch = 0; ch < (dt == TS_Q8_0 ? 8 : 4); ch++) {
+    uint32_t v;
+    memcpy(&v, blk + 2 + ch * 4, 4);
+    v ^= flip;
+    memcpy(q + ch * 64 + r * 4, &v, 4);
+  }
 }
 
 typedef struct {
