@@ -1,6 +1,7 @@
 /* The CPU backend's shared state and the kernel entry points of its op families (matmul.c,
  * attention.c, norm_rope.c, cpu_backend.c). Activations are plain host float32 arrays; weights
- * stay views into the mapped files in their own dtype and are widened one row at a time. */
+ * stay views into the mapped files in their own dtype and are widened one row at a time, except
+ * Q8_0/Q4_0 weights on VNNI CPUs, repacked at load into 16-row groups (quant.c). */
 #ifndef TESSERA_CPU_BACKEND_H
 #define TESSERA_CPU_BACKEND_H
 
