@@ -156,6 +156,10 @@ int cpu_quant_packed_row(const cpu_ctx *c, const ts_tensor *t, int64_t r, void *
 int cpu_quant_packed_row_f32(const cpu_ctx *c, const ts_tensor *t, int64_t r, int64_t n,
                              float *dst);
 
+/* e^x for n floats (attention.c's softmax; AVX-512 where the CPU has it, within 2 ulp for
+ * x <= 0, exact at 0 and -inf). */
+void cpu_exp_f32(const float *x, float *y, int n);
+
 /* Op entry points (the backend_ops slots). */
 void cpu_matmul(void *ctx, const float *x, const ts_tensor *w, const ts_tensor *bias, int n,
                 float *y);
