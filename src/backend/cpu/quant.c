@@ -620,11 +620,10 @@ static void qp_rows_unpacked(void *arg, int64_t g0, int64_t g1, int thread) {
 }
 
 #if Q_X86
-/* Prefetch distance in the weight stream of a repacked tile: the group-blocks of a thread's
- * groups are one contiguous stream. */
-#ifndef QP_PFD
+/* Software prefetch of the weight stream of a repacked tile (the group-blocks of a thread's
+ * groups are one contiguous stream), 8 KiB ahead into L2: lm_head 151936x1024 n=1 on 2 threads
+ * ran faster this way than into L1 or without (bench/RESULTS.md). */
 #define QP_PFD 8192
-#endif
 
 /* A 4-byte group of quantized x read in place (broadcast straight from memory). */
 typedef uint32_t qp_u32 __attribute__((may_alias, aligned(1)));
@@ -642,7 +641,7 @@ typedef uint32_t qp_u32 __attribute__((may_alias, aligned(1)));
       const uint8_t *p = wg + (size_t)b * gbb;                                                  \
       if (pf)                                                                                   \
         _Pragma("GCC unroll 9") for (size_t l = 0; l < (gbb + 63) / 64; l++)                    \
-            _mm_prefetch((const char *)p + QP_PFD + 64 * l, _MM_HINT_T0);                       \
+            _mm_prefetch((const char *)p + QP_PFD + 64 * l, _MM_HINT_T1);                      \
       const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));               \
       __m512i wv[8];                                                                            \
       if ((DT) == TS_Q8_0) {                                                                    \
