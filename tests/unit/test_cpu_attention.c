@@ -25,6 +25,18 @@ static float *rand_floats(size_t n, float scale) {
   return p;
 }
 
+/* Sanitizer builds (-O0, instrumented) check memory, not numerics: fewer trials there. */
+#if defined(__SANITIZE_ADDRESS__)
+#define LIGHT 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define LIGHT 1
+#endif
+#endif
+#ifndef LIGHT
+#define LIGHT 0
+#endif
+
 #define MAX_SEQS 4
 #define MAX_POS 112
 
@@ -158,7 +170,7 @@ static void check_reference(const problem *p, const float *out, int s, int a, in
  * tail (prefill-sized or single decode tokens), both checked against the reference. */
 static void test_reference(backend *be) {
   static const int groups[4] = {1, 2, 4, 8};
-  for (int trial = 0; trial < 12; trial++) {
+  for (int trial = 0; trial < (LIGHT ? 6 : 12); trial++) {
     problem p;
     int bs = trial % 3 == 2 ? rand_int(3, 20) : 16;
     problem_init(&p, be, rand_int(1, MAX_SEQS), rand_int(1, 2), groups[trial % 4], trial % 2 ? 128 : 64, bs);
@@ -212,7 +224,7 @@ static void invariance_run(backend *be, problem *p, int len, int mode, float *ou
 
 static void test_invariance(backend *be) {
   static const int groups[4] = {1, 2, 4, 8};
-  for (int trial = 0; trial < 8; trial++) {
+  for (int trial = 0; trial < (LIGHT ? 4 : 8); trial++) {
     problem p;
     int bs = trial % 4 == 3 ? rand_int(3, 20) : 16;
     problem_init(&p, be, 2, rand_int(1, 2), groups[trial % 4], trial % 2 ? 128 : 64, bs);

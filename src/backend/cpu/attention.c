@@ -92,6 +92,7 @@ typedef struct {
   float scale;
   float *out;     /* [n_tokens][n_head_l][hd] */
   int tile_tokens; /* blocked path: tokens per tile */
+  int n_tiles;
 } attn_job;
 
 /* One item is one (token, KV head): the group of query heads sharing that KV head walks the keys
@@ -162,19 +163,22 @@ static void attn_items(void *arg, int64_t i0, int64_t i1, int thread) {
 #if defined(__x86_64__)
 /* The blocked path. Key blocks are KB keys at absolute positions [KB b, KB b + KB). */
 #define KB 16
-#define TILE_ROWS 16 /* query rows per tile (at least one token's group) */
+#define TILE_ROWS 32 /* query rows per tile (at least one token's group) */
 
 /* Kt[d][k] = rows[k][d] for a KB-key block, 16 dims at a time (16x16 transposes in registers).
- * rows[k] NULL: key k is not read (zeros; its scores are masked).   Kt [hd][KB] */
+ * Kt [hd][KB]; rows[k] [hd] */
 ATT_TGT static void transpose_block(const float *const *rows, int hd, float *Kt) {
   for (int d0 = 0; d0 < hd; d0 += 16) {
     __m512 r[16], t[16];
-    for (int k = 0; k < 16; k++) r[k] = rows[k] ? _mm512_loadu_ps(rows[k] + d0) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; k++) r[k] = _mm512_loadu_ps(rows[k] + d0);
+#pragma GCC unroll 8
     for (int i = 0; i < 8; i++) {
       t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
       t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
     }
     /* r[4k + c], lane L: column 4L + c of rows 4k..4k+3 */
+#pragma GCC unroll 4
     for (int k = 0; k < 4; k++) {
       __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 2]);
       __m512d e = _mm512_castps_pd(t[4 * k + 1]), f = _mm512_castps_pd(t[4 * k + 3]);
@@ -183,6 +187,7 @@ ATT_TGT static void transpose_block(const float *const *rows, int hd, float *Kt)
       r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(e, f));
       r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(e, f));
     }
+#pragma GCC unroll 4
     for (int c = 0; c < 4; c++) {
       __m512 x = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), y = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
       __m512 x2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
@@ -195,52 +200,91 @@ ATT_TGT static void transpose_block(const float *const *rows, int hd, float *Kt)
   }
 }
 
-/* Raw scores of NR query rows against one key block: s[r][k] = sum_d q[r][d] Kt[d][k], even and
- * odd d in two chains added at the end (the same order for every row, whatever NR).
- * q[r] [hd]; s [NR][KB] */
-ATT_INL void scores_rows(const float *Kt, int hd, const float *const *q, float *s, int NR) {
-  __m512 a0[4], a1[4];
-  for (int r = 0; r < NR; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+/* Raw scores of query rows against one key block: s[r][k] = sum_d q[r][d] Kt[d][k], even and
+ * odd d in two chains added at the end; the four-row and one-row kernels do the same per row.
+ * q[r] [hd]; s [rows][KB] */
+ATT_TGT static void scores_4(const float *Kt, int hd, const float *const *q, float *s) {
+  const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
+  __m512 a0 = _mm512_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;
   for (int d = 0; d < hd; d += 2) {
     __m512 k0 = _mm512_loadu_ps(Kt + (size_t)d * KB), k1 = _mm512_loadu_ps(Kt + (size_t)(d + 1) * KB);
-    for (int r = 0; r < NR; r++) {
-      a0[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), k0, a0[r]);
-      a1[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d + 1]), k1, a1[r]);
-    }
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), k0, a0);
+    b0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d + 1]), k1, b0);
+    a1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d]), k0, a1);
+    b1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d + 1]), k1, b1);
+    a2 = _mm512_fmadd_ps(_mm512_set1_ps(q2[d]), k0, a2);
+    b2 = _mm512_fmadd_ps(_mm512_set1_ps(q2[d + 1]), k1, b2);
+    a3 = _mm512_fmadd_ps(_mm512_set1_ps(q3[d]), k0, a3);
+    b3 = _mm512_fmadd_ps(_mm512_set1_ps(q3[d + 1]), k1, b3);
   }
-  for (int r = 0; r < NR; r++) _mm512_storeu_ps(s + r * KB, _mm512_add_ps(a0[r], a1[r]));
+  _mm512_storeu_ps(s, _mm512_add_ps(a0, b0));
+  _mm512_storeu_ps(s + KB, _mm512_add_ps(a1, b1));
+  _mm512_storeu_ps(s + 2 * KB, _mm512_add_ps(a2, b2));
+  _mm512_storeu_ps(s + 3 * KB, _mm512_add_ps(a3, b3));
 }
 
-/* o[r] += sum_{k < nk} p[r][k] V[k] for NR rows, in key order per element (the same for every
- * row, whatever NR).   o[r] [hd]; p [NR][KB]; v[k] [hd] */
-ATT_INL void pv_rows(float *const *o, const float *p, const float *const *v, int nk, int hd, int NR) {
+ATT_TGT static void scores_1(const float *Kt, int hd, const float *q0, float *s) {
+  __m512 a0 = _mm512_setzero_ps(), b0 = a0;
+  for (int d = 0; d < hd; d += 2) {
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), _mm512_loadu_ps(Kt + (size_t)d * KB), a0);
+    b0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d + 1]), _mm512_loadu_ps(Kt + (size_t)(d + 1) * KB), b0);
+  }
+  _mm512_storeu_ps(s, _mm512_add_ps(a0, b0));
+}
+
+/* o[r] += sum_{k < nk} p[r][k] V[k], in key order per element; the four-row kernel (nk = KB)
+ * and the one-row kernel do the same per row.   o[r] [hd]; p[r] [KB]; v[k] [hd] */
+ATT_TGT static void pv_4(float *const *o, const float *const *p, const float *const *v, int hd) {
+  const float *p0 = p[0], *p1 = p[1], *p2 = p[2], *p3 = p[3];
   for (int d = 0; d < hd; d += 32) {
-    __m512 a0[4], a1[4];
-    for (int r = 0; r < NR; r++) {
-      a0[r] = _mm512_loadu_ps(o[r] + d);
-      a1[r] = _mm512_loadu_ps(o[r] + d + 16);
+    __m512 a0 = _mm512_loadu_ps(o[0] + d), b0 = _mm512_loadu_ps(o[0] + d + 16);
+    __m512 a1 = _mm512_loadu_ps(o[1] + d), b1 = _mm512_loadu_ps(o[1] + d + 16);
+    __m512 a2 = _mm512_loadu_ps(o[2] + d), b2 = _mm512_loadu_ps(o[2] + d + 16);
+    __m512 a3 = _mm512_loadu_ps(o[3] + d), b3 = _mm512_loadu_ps(o[3] + d + 16);
+    for (int k = 0; k < KB; k++) {
+      __m512 v0 = _mm512_loadu_ps(v[k] + d), v1 = _mm512_loadu_ps(v[k] + d + 16), w;
+      w = _mm512_set1_ps(p0[k]);
+      a0 = _mm512_fmadd_ps(w, v0, a0);
+      b0 = _mm512_fmadd_ps(w, v1, b0);
+      w = _mm512_set1_ps(p1[k]);
+      a1 = _mm512_fmadd_ps(w, v0, a1);
+      b1 = _mm512_fmadd_ps(w, v1, b1);
+      w = _mm512_set1_ps(p2[k]);
+      a2 = _mm512_fmadd_ps(w, v0, a2);
+      b2 = _mm512_fmadd_ps(w, v1, b2);
+      w = _mm512_set1_ps(p3[k]);
+      a3 = _mm512_fmadd_ps(w, v0, a3);
+      b3 = _mm512_fmadd_ps(w, v1, b3);
     }
-    for (int k = 0; k < nk; k++) {
-      __m512 v0 = _mm512_loadu_ps(v[k] + d), v1 = _mm512_loadu_ps(v[k] + d + 16);
-      for (int r = 0; r < NR; r++) {
-        __m512 w = _mm512_set1_ps(p[r * KB + k]);
-        a0[r] = _mm512_fmadd_ps(w, v0, a0[r]);
-        a1[r] = _mm512_fmadd_ps(w, v1, a1[r]);
-      }
-    }
-    for (int r = 0; r < NR; r++) {
-      _mm512_storeu_ps(o[r] + d, a0[r]);
-      _mm512_storeu_ps(o[r] + d + 16, a1[r]);
-    }
+    _mm512_storeu_ps(o[0] + d, a0);
+    _mm512_storeu_ps(o[0] + d + 16, b0);
+    _mm512_storeu_ps(o[1] + d, a1);
+    _mm512_storeu_ps(o[1] + d + 16, b1);
+    _mm512_storeu_ps(o[2] + d, a2);
+    _mm512_storeu_ps(o[2] + d + 16, b2);
+    _mm512_storeu_ps(o[3] + d, a3);
+    _mm512_storeu_ps(o[3] + d + 16, b3);
   }
 }
 
-/* Runs f over rows [0, n) four at a time and then the rest singly; each row's arithmetic does not
- * depend on which of the calls it falls in. */
+ATT_TGT static void pv_1(float *o, const float *p, const float *const *v, int nk, int hd) {
+  for (int d = 0; d < hd; d += 32) {
+    __m512 a0 = _mm512_loadu_ps(o + d), b0 = _mm512_loadu_ps(o + d + 16);
+    for (int k = 0; k < nk; k++) {
+      __m512 w = _mm512_set1_ps(p[k]);
+      a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v[k] + d), a0);
+      b0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v[k] + d + 16), b0);
+    }
+    _mm512_storeu_ps(o + d, a0);
+    _mm512_storeu_ps(o + d + 16, b0);
+  }
+}
+
+/* Scores of n rows, four at a time and then singly. */
 ATT_TGT static void scores_all(const float *Kt, int hd, const float *const *q, float *s, int n) {
   int r = 0;
-  for (; r + 4 <= n; r += 4) scores_rows(Kt, hd, q + r, s + r * KB, 4);
-  for (; r < n; r++) scores_rows(Kt, hd, q + r, s + r * KB, 1);
+  for (; r + 4 <= n; r += 4) scores_4(Kt, hd, q + r, s + r * KB);
+  for (; r < n; r++) scores_1(Kt, hd, q[r], s + r * KB);
 }
 
 /* One work item: the query rows of tokens [t0, t1) (one sequence) x the group of KV head kvh.
@@ -258,8 +302,11 @@ ATT_TGT static void attn_tile(attn_job *j, int t0, int t1, int kvh, float *scrat
   float *S = Kt + (size_t)hd * KB;           /* [nrow][KB] scores, then probabilities */
   float *L = S + (size_t)TILE_ROWS * KB;     /* [nrow][KB] running sums */
   float *M = L + (size_t)TILE_ROWS * KB;     /* [nrow] running maxima */
+  float *zero = M + TILE_ROWS;               /* [hd] stands in for keys past the tile's last */
+  float *Vb = zero + hd;                     /* [KB][hd] the block's values, contiguous */
+  memset(zero, 0, (size_t)hd * sizeof(float));
   const float *qr[TILE_ROWS], *aq[TILE_ROWS], *krow[KB], *vrow[KB];
-  float *orow[TILE_ROWS], *fo[4];
+  float *orow[TILE_ROWS];
   int rpos[TILE_ROWS], act[TILE_ROWS], maxpos = 0;
   const __m512 scale = _mm512_set1_ps(j->scale);
   for (int i = 0; i < nrow; i++) {
@@ -278,7 +325,7 @@ ATT_TGT static void attn_tile(attn_job *j, int t0, int t1, int kvh, float *scrat
     for (int k = 0; k < KB; k++) {
       int p = kbase + k;
       if (p > maxpos) {
-        krow[k] = vrow[k] = NULL;
+        krow[k] = vrow[k] = zero;
         continue;
       }
       size_t row = (size_t)table[p / bs] * bs + (size_t)(p % bs);
@@ -286,6 +333,12 @@ ATT_TGT static void attn_tile(attn_job *j, int t0, int t1, int kvh, float *scrat
       vrow[k] = V + (row * n_kv + kvh) * hd;
     }
     transpose_block(krow, hd, Kt);
+    /* The cache's rows are n_kv * hd floats apart (often 4 KB: one L1 set for all 16), so the
+     * block's values are gathered once into a contiguous copy that every row group reads. */
+    for (int k = 0; k < KB; k++) {
+      for (int d = 0; d < hd; d += 16) _mm512_storeu_ps(Vb + k * hd + d, _mm512_loadu_ps(vrow[k] + d));
+      vrow[k] = Vb + k * hd;
+    }
     for (int a = 0; a < nact; a++) aq[a] = qr[act[a]];
     scores_all(Kt, hd, aq, S, nact);
     /* Online softmax per active row; S[a] becomes the block's probabilities (0 past the row's
@@ -314,42 +367,34 @@ ATT_TGT static void attn_tile(attn_job *j, int t0, int t1, int kvh, float *scrat
       _mm512_storeu_ps(L + i * KB, _mm512_add_ps(l, p));
       _mm512_storeu_ps(S + a * KB, p);
     }
-    /* P.V: rows that see the whole block four at a time, the rest with their own key count. */
-    int nf = 0;
-    int fa[4];
-    for (int a = 0; a < nact; a++) {
-      int i = act[a], nk = rpos[i] - kbase + 1;
-      if (nk < KB) {
-        pv_rows(&orow[i], S + a * KB, vrow, nk, hd, 1);
-        continue;
-      }
-      fa[nf] = a;
-      fo[nf++] = orow[i];
-      if (nf == 4) {
-        float P[4 * KB];
-        for (int r = 0; r < 4; r++) memcpy(P + r * KB, S + fa[r] * KB, KB * sizeof(float));
-        pv_rows(fo, P, vrow, KB, hd, 4);
-        nf = 0;
-      }
+    /* P.V over all KB keys of the block, four rows at a time. A row's keys past its position
+     * have p = +0, so they leave its sums unchanged except for the sign of an exact zero (which
+     * the final + 0 folds away): each row's result is the one its own keys alone give. */
+    int r = 0;
+    for (; r + 4 <= nact; r += 4) {
+      const float *fp[4] = {S + r * KB, S + (r + 1) * KB, S + (r + 2) * KB, S + (r + 3) * KB};
+      float *fo[4] = {orow[act[r]], orow[act[r + 1]], orow[act[r + 2]], orow[act[r + 3]]};
+      pv_4(fo, fp, vrow, hd);
     }
-    for (int r = 0; r < nf; r++) pv_rows(&fo[r], S + fa[r] * KB, vrow, KB, hd, 1);
+    for (; r < nact; r++) pv_1(orow[act[r]], S + r * KB, vrow, KB, hd);
   }
   for (int i = 0; i < nrow; i++) {
     __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(L + i * KB)));
     for (int d = 0; d < hd; d += 16)
-      _mm512_storeu_ps(orow[i] + d, _mm512_mul_ps(_mm512_loadu_ps(orow[i] + d), inv));
+      _mm512_storeu_ps(orow[i] + d, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(orow[i] + d), inv),
+                                                  _mm512_setzero_ps()));
   }
 }
 
-/* Items are (token tile, KV head): tile_tokens consecutive step tokens, cut further where the
- * sequence changes (each piece is one attn_tile). */
+/* Items are (token tile, KV head), so a single decode token still makes n_kv items. A tile is
+ * tile_tokens consecutive step tokens, cut further where the sequence changes (each piece is one
+ * attn_tile). */
 static void attn_tiles(void *arg, int64_t i0, int64_t i1, int thread) {
   attn_job *j = arg;
   cpu_ctx *c = j->c;
-  const int n_kv = j->kv->n_kv_l;
   float *scratch = cpu_scratch(c, thread);
   for (int64_t it = i0; it < i1; it++) {
-    int tile = (int)(it / n_kv), kvh = (int)(it % n_kv);
+    int tile = (int)(it / j->kv->n_kv_l), kvh = (int)(it % j->kv->n_kv_l);
     int t = tile * j->tile_tokens, end = t + j->tile_tokens;
     if (end > c->n_tokens) end = c->n_tokens;
     while (t < end) {
@@ -368,16 +413,16 @@ void cpu_attention(void *ctx, const kv_cache *kv, int layer, const float *q, int
   int64_t items = (int64_t)c->n_tokens * kv->n_kv_l;
   if (items <= 0) return;
   const int group = n_head_l / kv->n_kv_l, hd = kv->head_dim;
-  attn_job j = {c, kv, layer, q, n_head_l, scale, out, 0};
+  attn_job j = {c, kv, layer, q, n_head_l, scale, out, 0, 0};
 #if defined(__x86_64__)
   if (c->simd >= CPU_ISA_AVX512 && hd % 32 == 0 && group <= TILE_ROWS) {
     j.tile_tokens = TILE_ROWS / group;
-    if (cpu_scratch_reserve(c, (size_t)hd * KB + (size_t)TILE_ROWS * (2 * KB + 1)) < 0) {
+    if (cpu_scratch_reserve(c, (size_t)hd * (2 * KB + 1) + (size_t)TILE_ROWS * (2 * KB + 1)) < 0) {
       for (int64_t i = 0; i < (int64_t)c->n_tokens * n_head_l * hd; i++) out[i] = NAN;
       return;
     }
-    int64_t tiles = (c->n_tokens + j.tile_tokens - 1) / j.tile_tokens;
-    threadpool_parallel_for(c->pool, tiles * kv->n_kv_l, 1, attn_tiles, &j);
+    j.n_tiles = (c->n_tokens + j.tile_tokens - 1) / j.tile_tokens;
+    threadpool_parallel_for(c->pool, (int64_t)j.n_tiles * kv->n_kv_l, 1, attn_tiles, &j);
     return;
   }
 #endif
