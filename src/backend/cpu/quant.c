@@ -6,7 +6,9 @@
  * register tile of 4 weight rows x up to 4 tokens unpacks each weight block once for every token.
  * Weights repacked at load (cpu_quant_prepare, on CPUs with AVX-512 VNNI): 16 rows interleaved
  * per block so that one vpdpbusd of a broadcast 4-byte group of x gives 16 rows' partial sums;
- * the lower kernel levels unpack such a weight back to the file's blocks a group at a time.
+ * the lower kernel levels unpack such a weight back to the file's blocks a group at a time;
+ * with AMX-INT8, products of 16 tokens or more take whole 16-token tiles through tdpbsud with
+ * the same exact sums and float epilogue (the VNNI kernels' bits).
  * Every (row, token) sum runs over the blocks in the same order whatever the tile, so a token's
  * result does not depend on the batch around it. */
 #include <math.h>
@@ -16,7 +18,9 @@
 #include "backend/cpu/cpu_backend.h"
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <pthread.h>
 #define Q_X86 1
 #else
 #define Q_X86 0
@@ -703,6 +707,122 @@ static const qp_fn qp_fns[2][QP_TT] = {
     {qp_q8_1, qp_q8_2, qp_q8_3, qp_q8_4, qp_q8_5, qp_q8_6, qp_q8_7, qp_q8_8},
     {qp_q4_1, qp_q4_2, qp_q4_3, qp_q4_4, qp_q4_5, qp_q4_6, qp_q4_7, qp_q4_8}};
 
+/* AMX-INT8 for 16 tokens at a time (n >= QA_MIN_N): the block's quants are already a B tile
+ * for K = 32 ([k/4][16 rows][4 bytes], Q4_0 after splitting the nibbles into the same chunk
+ * order), x is the A tile (16 tokens x 32 bytes, stride k), and one tdpbsud gives the 16 x 16
+ * sums of (w + off) . x. Adding xc (-off * sum(x)) gives the exact int32 sum QP_BODY gets with
+ * vpdpbusd, and the float epilogue is QP_BODY's (same ops, same order), so the outputs are
+ * bit for bit those of the VNNI kernels and a token's result still ignores its batch. */
+#define QA_TGT                                                                                  \
+  __attribute__((target("amx-tile,amx-int8,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,"   \
+                        "avx2,fma,f16c")))
+#define QA_TT 16    /* tokens of an AMX tile */
+#define QA_MIN_N 16 /* smaller products stay on the VNNI kernels */
+
+static int qa_int8;
+static pthread_once_t qa_once = PTHREAD_ONCE_INIT;
+static void qa_detect(void) {
+  unsigned a, b, c, d;
+  qa_int8 = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 25)); /* AMX-INT8 */
+}
+
+int cpu_quant_amx(const cpu_ctx *c) {
+  if (!c->amx || !c->has_amx || c->simd < CPU_ISA_VNNI) return 0;
+  pthread_once(&qa_once, qa_detect);
+  return qa_int8;
+}
+
+typedef struct {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} qa_cfg;
+
+/* Tiles 0, 1: C [16 tokens][16 rows] int32; 2, 3: A [16 tokens][32] int8; 4, 5: B [8][64] u8.
+ * A constant in memory: GCC may drop stores to a local that only ldtilecfg reads. */
+static const qa_cfg qa_tiles = {.palette = 1,
+                                .colsb = {64, 64, 32, 32, 64, 64},
+                                .rows = {16, 16, 16, 16, 8, 8}};
+QA_TGT static void qa_config(void) { _tile_loadconfig(&qa_tiles); }
+
+/* B tile of block p: Q8_0 in place, Q4_0's nibbles spread into bq (low: chunk rows 0-3,
+ * high: rows 4-7, QP_BODY's chunk order). */
+#define QA_B(DT, p, bq)                                                                         \
+  ((DT) == TS_Q8_0 ? (const void *)((p) + 32) : (qa_unpack4((p), (bq)), (const void *)(bq)))
+
+QA_TGT static inline void qa_unpack4(const uint8_t *p, uint8_t *bq) {
+  const __m512i m4 = _mm512_set1_epi8(15);
+  for (int ch = 0; ch < 4; ch++) {
+    __m512i v = _mm512_loadu_si512((const void *)(p + 32 + 64 * ch));
+    _mm512_store_si512((void *)(bq + 64 * ch), _mm512_and_si512(v, m4));
+    _mm512_store_si512((void *)(bq + 64 * (ch + 4)), _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+  }
+}
+
+/* The epilogue of one block: per token, exact sum, convert, scale product, FMA (QP_BODY's). */
+#define QA_EPI(st, b, p)                                                                        \
+  do {                                                                                          \
+    const __m512 dw_ = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)));               \
+    _Pragma("GCC unroll 16") for (int t = 0; t < QA_TT; t++) {                                  \
+      __m512i s_ = _mm512_add_epi32(_mm512_load_si512((const void *)((st) + 16 * t)),          \
+                                    _mm512_set1_epi32(xc[t * nb + (b)]));                       \
+      __m512 sc_ = _mm512_mul_ps(dw_, _mm512_set1_ps(xd[t * nb + (b)]));                        \
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s_), sc_, acc[t]);                            \
+    }                                                                                           \
+  } while (0)
+
+/* One group of 16 rows x 16 tokens over all blocks, QA_KB blocks at a time: first their tile
+ * products (two in flight, tiles 0/2/4 and 1/3/5) stored to st, then their epilogues, so the
+ * vector code does not wait on each tile store. The tile configuration is loaded by the caller. */
+#define QA_KB 8
+#define QA_DP(DT, C, A, B, bb, bq)                                                                \
+  do {                                                                                          \
+    const uint8_t *p_ = wg + (size_t)(bb) * gbb;                                                \
+    _tile_loadd(A, xq + (bb) * 32, k);                                                          \
+    _tile_loadd(B, QA_B(DT, p_, bq), 64);                                                       \
+    _tile_zero(C);                                                                              \
+    _tile_dpbsud(C, A, B);                                                                      \
+    _tile_stored(C, st + ((bb) - b0) * 256, 64);                                                \
+  } while (0)
+#define QA_BODY(DT)                                                                             \
+  do {                                                                                          \
+    const size_t gbb = (DT) == TS_Q8_0 ? 544 : 288;                                             \
+    _Alignas(64) int32_t st[QA_KB * 256];                                                       \
+    _Alignas(64) uint8_t bq[QA_KB * 512]; /* Q4_0: a B tile per block, none reused soon */  \
+    __m512 acc[QA_TT];                                                                          \
+    _Pragma("GCC unroll 16") for (int t = 0; t < QA_TT; t++) acc[t] = _mm512_setzero_ps();      \
+    for (int64_t b0 = 0; b0 < nb; b0 += QA_KB) {                                                \
+      const int64_t b1 = b0 + QA_KB < nb ? b0 + QA_KB : nb;                                     \
+      if (pf)                                                                                   \
+        for (size_t l = 0; l < (size_t)(b1 - b0) * gbb; l += 64)                                \
+          _mm_prefetch((const char *)wg + (size_t)b0 * gbb + QP_PFD + l, _MM_HINT_T1);          \
+      int64_t b = b0;                                                                           \
+      for (; b + 1 < b1; b += 2) {                                                              \
+        QA_DP(DT, 0, 2, 4, b, bq + (b - b0) * 512);                                                 \
+        QA_DP(DT, 1, 3, 5, b + 1, bq + (b + 1 - b0) * 512);                                                             \
+      }                                                                                         \
+      if (b < b1) QA_DP(DT, 0, 2, 4, b, bq + (b - b0) * 512);                                                       \
+      for (b = b0; b < b1; b++) QA_EPI(st + (b - b0) * 256, b, wg + (size_t)b * gbb);           \
+    }                                                                                           \
+    const __m512 bv = _mm512_loadu_ps(bias);                                                    \
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);                                         \
+    _Pragma("GCC unroll 16") for (int t = 0; t < QA_TT; t++)                                    \
+        _mm512_mask_storeu_ps(y + t * m, keep, _mm512_add_ps(acc[t], bv));                      \
+  } while (0)
+
+QA_TGT static void qa_q8(const uint8_t *wg, int64_t nb, const int8_t *xq, int64_t k,
+                         const float *xd, const int32_t *xc, float *y, int64_t m, int nr,
+                         const float *bias, int pf) {
+  QA_BODY(TS_Q8_0);
+}
+QA_TGT static void qa_q4(const uint8_t *wg, int64_t nb, const int8_t *xq, int64_t k,
+                         const float *xd, const int32_t *xc, float *y, int64_t m, int nr,
+                         const float *bias, int pf) {
+  QA_BODY(TS_Q4_0);
+}
+QA_TGT static void qa_begin(void) { qa_config(); }
+QA_TGT static void qa_end(void) { _tile_release(); }
+
 static void qp_rows(void *arg, int64_t g0, int64_t g1, int thread) {
   (void)thread;
   qmm_job *j = arg;
@@ -714,11 +834,19 @@ static void qp_rows(void *arg, int64_t g0, int64_t g1, int thread) {
    * them); the first token tile streams them from memory and prefetches ahead. */
   int64_t gs = (int64_t)((512u << 10) / gbytes);
   if (gs < 1) gs = 1;
+  /* AMX for whole 16-token tiles of a product of QA_MIN_N tokens or more, VNNI for the rest:
+   * the same bits either way. */
+  const int amx = j->n >= QA_MIN_N && cpu_quant_amx(j->c);
+  if (amx) qa_begin();
   for (int64_t s0 = g0; s0 < g1; s0 += gs) {
     int64_t s1 = s0 + gs < g1 ? s0 + gs : g1;
-    for (int64_t t = 0; t < j->n; t += QP_TT) {
+    for (int64_t t = 0; t < j->n;) {
       int T = (int)(j->n - t < QP_TT ? j->n - t : QP_TT);
       qp_fn fn = qp_fns[dt == TS_Q8_0 ? 0 : 1][T - 1];
+      if (amx && j->n - t >= QA_TT) {
+        T = QA_TT;
+        fn = dt == TS_Q8_0 ? qa_q8 : qa_q4;
+      }
       for (int64_t g = s0; g < s1; g++) {
         int64_t r0 = g * QP_ROWS;
         int nr = (int)(m - r0 < QP_ROWS ? m - r0 : QP_ROWS);
@@ -730,8 +858,10 @@ static void qp_rows(void *arg, int64_t g0, int64_t g1, int thread) {
         fn(base + (size_t)g * gbytes, nb, j->xq + t * k, k, j->xd + t * nb, j->xc + t * nb,
            j->y + t * m + r0, m, nr, bias, t == 0);
       }
+      t += T;
     }
   }
+  if (amx) qa_end();
 }
 #endif
 
@@ -783,3 +913,10 @@ int cpu_matmul_quant(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_te
   threadpool_parallel_for(c->pool, groups, 4, qp_rows_unpacked, &j);
   return 1;
 }
+
+#if !Q_X86
+int cpu_quant_amx(const cpu_ctx *c) {
+  (void)c;
+  return 0;
+}
+#endif
