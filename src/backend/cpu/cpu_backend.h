@@ -32,7 +32,7 @@ typedef struct {
   int has_bf16; /* AVX512-BF16 (vdpbf16ps) */
   int bf16_act; /* opt-in: BF16 weights multiply activations rounded to BF16 (llama.cpp's way) */
   int has_amx;  /* AMX-TILE + AMX-BF16 usable (CPUID, OS tile state, kernel permission) */
-  int amx;      /* AMX on: BF16 weights for every n (amx.c), repacked Q8_0/Q4_0 from 16 tokens */
+  int amx;      /* AMX on: BF16 weights for every n (amx.c), repacked Q8_0 from 16 tokens */
 
   /* The staged step (step_begin). */
   int n_tokens;
@@ -149,8 +149,8 @@ int cpu_matmul_quant(cpu_ctx *c, const float *x, const ts_tensor *w, const ts_te
 int cpu_quant_prepare(cpu_ctx *c, ts_tensor *t, ts_err *err);
 void cpu_quant_release(cpu_ctx *c, ts_tensor *t);
 void cpu_quant_free(cpu_ctx *c); /* every repacked buffer still held */
-/* Whether repacked products of 16 tokens or more use AMX-INT8 (AMX on and the CPU has it); the
- * outputs are the VNNI kernels' bits either way. */
+/* Whether repacked Q8_0 products of 16 tokens or more use AMX-INT8 (AMX on and the CPU has it);
+ * the outputs are the VNNI kernels' bits either way. */
 int cpu_quant_amx(const cpu_ctx *c);
 /* Row r of a repacked weight as the file's blocks (row bytes) or as n float32 (the values
  * cpu_row_to_f32 gives for the file's row); both return 0, doing nothing, when t is not

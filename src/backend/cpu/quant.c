@@ -7,8 +7,8 @@
  * Weights repacked at load (cpu_quant_prepare, on CPUs with AVX-512 VNNI): 16 rows interleaved
  * per block so that one vpdpbusd of a broadcast 4-byte group of x gives 16 rows' partial sums;
  * the lower kernel levels unpack such a weight back to the file's blocks a group at a time;
- * with AMX-INT8, products of 16 tokens or more take whole 16-token tiles through tdpbsud with
- * the same exact sums and float epilogue (the VNNI kernels' bits).
+ * with AMX-INT8, Q8_0 products of 16 tokens or more take whole 16-token tiles through tdpbsud
+ * with the same exact sums and float epilogue (the VNNI kernels' bits).
  * Every (row, token) sum runs over the blocks in the same order whatever the tile, so a token's
  * result does not depend on the batch around it. */
 #include <math.h>
@@ -707,12 +707,13 @@ static const qp_fn qp_fns[2][QP_TT] = {
     {qp_q8_1, qp_q8_2, qp_q8_3, qp_q8_4, qp_q8_5, qp_q8_6, qp_q8_7, qp_q8_8},
     {qp_q4_1, qp_q4_2, qp_q4_3, qp_q4_4, qp_q4_5, qp_q4_6, qp_q4_7, qp_q4_8}};
 
-/* AMX-INT8 for 16 tokens at a time (n >= QA_MIN_N): the block's quants are already a B tile
- * for K = 32 ([k/4][16 rows][4 bytes], Q4_0 after splitting the nibbles into the same chunk
- * order), x is the A tile (16 tokens x 32 bytes, stride k), and one tdpbsud gives the 16 x 16
- * sums of (w + off) . x. Adding xc (-off * sum(x)) gives the exact int32 sum QP_BODY gets with
- * vpdpbusd, and the float epilogue is QP_BODY's (same ops, same order), so the outputs are
- * bit for bit those of the VNNI kernels and a token's result still ignores its batch. */
+/* AMX-INT8 for Q8_0, 16 tokens at a time (n >= QA_MIN_N): the block's quants (w + 128) are
+ * already a B tile for K = 32 ([k/4][16 rows][4 bytes]), x is the A tile (16 tokens x 32 bytes,
+ * stride k), and one tdpbsud gives the 16 x 16 sums of (w + 128) . x. Adding xc (-128 * sum(x))
+ * gives the exact int32 sum QP_BODY gets with vpdpbusd, and the float epilogue is QP_BODY's
+ * (same ops, same order), so the outputs are bit for bit those of the VNNI kernels and a
+ * token's result still ignores its batch. Q4_0 stays on VNNI: splitting its nibbles into a B
+ * tile per token tile made it 0.8-0.86x the VNNI kernel (bench/RESULTS.md). */
 #define QA_TGT                                                                                  \
   __attribute__((target("amx-tile,amx-int8,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,"   \
                         "avx2,fma,f16c")))
@@ -745,20 +746,6 @@ static const qa_cfg qa_tiles = {.palette = 1,
                                 .rows = {16, 16, 16, 16, 8, 8}};
 QA_TGT static void qa_config(void) { _tile_loadconfig(&qa_tiles); }
 
-/* B tile of block p: Q8_0 in place, Q4_0's nibbles spread into bq (low: chunk rows 0-3,
- * high: rows 4-7, QP_BODY's chunk order). */
-#define QA_B(DT, p, bq)                                                                         \
-  ((DT) == TS_Q8_0 ? (const void *)((p) + 32) : (qa_unpack4((p), (bq)), (const void *)(bq)))
-
-QA_TGT static inline void qa_unpack4(const uint8_t *p, uint8_t *bq) {
-  const __m512i m4 = _mm512_set1_epi8(15);
-  for (int ch = 0; ch < 4; ch++) {
-    __m512i v = _mm512_loadu_si512((const void *)(p + 32 + 64 * ch));
-    _mm512_store_si512((void *)(bq + 64 * ch), _mm512_and_si512(v, m4));
-    _mm512_store_si512((void *)(bq + 64 * (ch + 4)), _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
-  }
-}
-
 /* The epilogue of one block: per token, exact sum, convert, scale product, FMA (QP_BODY's). */
 #define QA_EPI(st, b, p)                                                                        \
   do {                                                                                          \
@@ -775,20 +762,19 @@ QA_TGT static inline void qa_unpack4(const uint8_t *p, uint8_t *bq) {
  * products (two in flight, tiles 0/2/4 and 1/3/5) stored to st, then their epilogues, so the
  * vector code does not wait on each tile store. The tile configuration is loaded by the caller. */
 #define QA_KB 8
-#define QA_DP(DT, C, A, B, bb, bq)                                                                \
+#define QA_DP(C, A, B, bb)                                                                       \
   do {                                                                                          \
     const uint8_t *p_ = wg + (size_t)(bb) * gbb;                                                \
     _tile_loadd(A, xq + (bb) * 32, k);                                                          \
-    _tile_loadd(B, QA_B(DT, p_, bq), 64);                                                       \
+    _tile_loadd(B, p_ + 32, 64);                                                               \
     _tile_zero(C);                                                                              \
     _tile_dpbsud(C, A, B);                                                                      \
     _tile_stored(C, st + ((bb) - b0) * 256, 64);                                                \
   } while (0)
-#define QA_BODY(DT)                                                                             \
+#define QA_BODY()                                                                               \
   do {                                                                                          \
-    const size_t gbb = (DT) == TS_Q8_0 ? 544 : 288;                                             \
+    const size_t gbb = 544;                                                                     \
     _Alignas(64) int32_t st[QA_KB * 256];                                                       \
-    _Alignas(64) uint8_t bq[QA_KB * 512]; /* Q4_0: a B tile per block, none reused soon */  \
     __m512 acc[QA_TT];                                                                          \
     _Pragma("GCC unroll 16") for (int t = 0; t < QA_TT; t++) acc[t] = _mm512_setzero_ps();      \
     for (int64_t b0 = 0; b0 < nb; b0 += QA_KB) {                                                \
@@ -798,10 +784,10 @@ QA_TGT static inline void qa_unpack4(const uint8_t *p, uint8_t *bq) {
           _mm_prefetch((const char *)wg + (size_t)b0 * gbb + QP_PFD + l, _MM_HINT_T1);          \
       int64_t b = b0;                                                                           \
       for (; b + 1 < b1; b += 2) {                                                              \
-        QA_DP(DT, 0, 2, 4, b, bq + (b - b0) * 512);                                                 \
-        QA_DP(DT, 1, 3, 5, b + 1, bq + (b + 1 - b0) * 512);                                                             \
+        QA_DP(0, 2, 4, b);                                                 \
+        QA_DP(1, 3, 5, b + 1);                                                             \
       }                                                                                         \
-      if (b < b1) QA_DP(DT, 0, 2, 4, b, bq + (b - b0) * 512);                                                       \
+      if (b < b1) QA_DP(0, 2, 4, b);                                                       \
       for (b = b0; b < b1; b++) QA_EPI(st + (b - b0) * 256, b, wg + (size_t)b * gbb);           \
     }                                                                                           \
     const __m512 bv = _mm512_loadu_ps(bias);                                                    \
@@ -813,12 +799,7 @@ QA_TGT static inline void qa_unpack4(const uint8_t *p, uint8_t *bq) {
 QA_TGT static void qa_q8(const uint8_t *wg, int64_t nb, const int8_t *xq, int64_t k,
                          const float *xd, const int32_t *xc, float *y, int64_t m, int nr,
                          const float *bias, int pf) {
-  QA_BODY(TS_Q8_0);
-}
-QA_TGT static void qa_q4(const uint8_t *wg, int64_t nb, const int8_t *xq, int64_t k,
-                         const float *xd, const int32_t *xc, float *y, int64_t m, int nr,
-                         const float *bias, int pf) {
-  QA_BODY(TS_Q4_0);
+  QA_BODY();
 }
 QA_TGT static void qa_begin(void) { qa_config(); }
 QA_TGT static void qa_end(void) { _tile_release(); }
@@ -836,7 +817,7 @@ static void qp_rows(void *arg, int64_t g0, int64_t g1, int thread) {
   if (gs < 1) gs = 1;
   /* AMX for whole 16-token tiles of a product of QA_MIN_N tokens or more, VNNI for the rest:
    * the same bits either way. */
-  const int amx = j->n >= QA_MIN_N && cpu_quant_amx(j->c);
+  const int amx = dt == TS_Q8_0 && j->n >= QA_MIN_N && cpu_quant_amx(j->c);
   if (amx) qa_begin();
   for (int64_t s0 = g0; s0 < g1; s0 += gs) {
     int64_t s1 = s0 + gs < g1 ? s0 + gs : g1;
@@ -845,7 +826,7 @@ static void qp_rows(void *arg, int64_t g0, int64_t g1, int thread) {
       qp_fn fn = qp_fns[dt == TS_Q8_0 ? 0 : 1][T - 1];
       if (amx && j->n - t >= QA_TT) {
         T = QA_TT;
-        fn = dt == TS_Q8_0 ? qa_q8 : qa_q4;
+        fn = qa_q8;
       }
       for (int64_t g = s0; g < s1; g++) {
         int64_t r0 = g * QP_ROWS;
