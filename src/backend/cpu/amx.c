@@ -185,6 +185,8 @@ AMX_TGT static void amx_rows(void *arg, int64_t r0, int64_t r1, int thread) {
   if (n < TOK)
     cfg.colsb[0] = cfg.colsb[1] = cfg.colsb[2] = cfg.colsb[3] = cfg.colsb[6] = cfg.colsb[7] =
         (uint16_t)(4 * n);
+  /* The stores above are read only by ldtilecfg, whose memory read GCC may not see: keep them. */
+  __asm__ volatile("" : : "m"(cfg) : "memory");
   _tile_loadconfig(&cfg);
 
   for (int64_t rb = r0; rb < r1; rb += 2 * ROWS) {
