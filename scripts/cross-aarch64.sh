@@ -15,12 +15,12 @@ fi
 mkdir -p "$OUT"
 SRCS=(src/backend/cpu/*.c src/backend/backend.c src/backend/kv_cache.c src/util/log.c
   src/util/status.c src/util/tensor.c src/util/threadpool.c)
-for t in test_cpu_ops test_quant test_quant_repack test_cpu_bf16 test_cpu_amx test_cpu_attention; do
+for t in test_cpu_ops test_quant test_quant_repack test_cpu_bf16 test_cpu_amx test_quant_amx test_cpu_attention; do
   "$CC" -std=c11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE -pthread -static -Isrc -Itests/unit \
     -DTESSERA_SHARED_DEFAULT="\"$PWD/../shared\"" -DTESSERA_SOURCE_DIR="\"$PWD\"" \
     -DTESSERA_BINARY_DIR="\"$PWD/$OUT\"" -o "$OUT/$t" "tests/unit/$t.c" "${SRCS[@]}" -lm
 done
-for t in test_cpu_ops test_quant test_quant_repack test_cpu_bf16 test_cpu_amx test_cpu_attention; do
+for t in test_cpu_ops test_quant test_quant_repack test_cpu_bf16 test_cpu_amx test_quant_amx test_cpu_attention; do
   echo "-- $t (aarch64, qemu)"
   "$QEMU" "$OUT/$t" 2>&1 | tail -n 1
 done
