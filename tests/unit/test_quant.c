@@ -10,80 +10,13 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
+#include "test_quant_util.h"
 #include "test_util.h"
 
 static test_rng rng = {0x9b1d3e5f7a2c4d61ull};
 
 static int rand_int(int lo, int hi) {
   return lo + (int)(test_rng_next(&rng) % (uint64_t)(hi - lo + 1));
-}
-
-static float ref_f16(uint16_t h) {
-  int e = (h >> 10) & 31, m = h & 1023;
-  double v = e == 0 ? ldexp(m, -24) : ldexp(1024 + m, e - 25);
-  return (float)((h & 0x8000) ? -v : v);
-}
-
-/* The reference quantizer: d = max|x| / 127, q = x * (1/d) rounded to nearest even. */
-static void ref_quantize(const float *x, int k, int8_t *q, float *d) {
-  for (int b = 0; b < k / 32; b++) {
-    float amax = 0;
-    for (int j = 0; j < 32; j++)
-      if (fabsf(x[b * 32 + j]) > amax) amax = fabsf(x[b * 32 + j]);
-    d[b] = amax / 127.0f;
-    float id = d[b] != 0 ? 1.0f / d[b] : 0.0f;
-    for (int j = 0; j < 32; j++) {
-      float v = x[b * 32 + j] * id, r = floorf(v), f = v - r;
-      if (f > 0.5f || (f == 0.5f && fmodf(r, 2.0f) != 0)) r += 1;
-      q[b * 32 + j] = (int8_t)r;
-    }
-  }
-}
-
-typedef struct {
-  ts_tensor t;
-  uint8_t *buf;
-  int8_t *q;   /* [rows][cols] integer weights */
-  float *d;    /* [rows][cols/32] scales */
-} qweight;
-
-static qweight make_qweight(ts_dtype dt, int rows, int cols, int stride) {
-  qweight w;
-  memset(&w, 0, sizeof w);
-  int bb = ts_dtype_table[dt].block_bytes;
-  size_t row_bytes = (size_t)bb * (stride / 32);
-  w.buf = malloc(row_bytes * rows + 1) ; /* +1: the kernels must not need aligned rows */
-  w.q = malloc((size_t)rows * cols);
-  w.d = malloc(sizeof(float) * rows * (cols / 32));
-  uint8_t *base = w.buf + 1;
-  for (int r = 0; r < rows; r++)
-    for (int b = 0; b < stride / 32; b++) {
-      uint8_t *p = base + row_bytes * r + (size_t)bb * b;
-      uint16_t h = ts_f32_to_f16(0.002f + 0.05f * fabsf(test_rng_float(&rng)));
-      p[0] = (uint8_t)h;
-      p[1] = (uint8_t)(h >> 8);
-      for (int j = 2; j < bb; j++) p[j] = (uint8_t)test_rng_next(&rng);
-      if (b >= cols / 32) continue;
-      w.d[r * (cols / 32) + b] = ref_f16(h);
-      for (int j = 0; j < 32; j++) {
-        int v = dt == TS_Q8_0 ? (int8_t)p[2 + j]
-                              : (j < 16 ? (p[2 + j] & 15) : (p[2 + j - 16] >> 4)) - 8;
-        w.q[(size_t)r * cols + b * 32 + j] = (int8_t)v;
-      }
-    }
-  w.t.data = base;
-  w.t.dtype = dt;
-  w.t.ndim = 2;
-  w.t.shape[0] = rows;
-  w.t.shape[1] = cols;
-  w.t.row_stride = stride;
-  return w;
-}
-
-static void free_qweight(qweight *w) {
-  free(w->buf);
-  free(w->q);
-  free(w->d);
 }
 
 static void test_quantizer(void) {
@@ -113,7 +46,7 @@ static void test_matmul(backend *be, int threads, int level) {
       int n = trial == 0 ? 1 : rand_int(2, 13);
       int stride = k + 32 * (trial % 2);
       int with_bias = trial % 3 != 1;
-      qweight w = make_qweight(dt, m, k, stride);
+      qweight w = make_qweight(&rng, dt, m, k, stride, 1, 0);
       float *bias = malloc(sizeof(float) * m);
       for (int r = 0; r < m; r++) bias[r] = test_rng_float(&rng);
       ts_tensor bt = {.data = bias, .dtype = TS_F32, .ndim = 1, .shape = {m}};

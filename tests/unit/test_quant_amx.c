@@ -11,6 +11,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
+#include "test_quant_util.h"
 #include "test_util.h"
 
 static test_rng rng;
@@ -19,27 +20,11 @@ static int rand_int(int lo, int hi) {
   return lo + (int)(test_rng_next(&rng) % (uint64_t)(hi - lo + 1));
 }
 
-/* A weight in the file's layout: random quants, random non-zero f16 scales of either sign. */
-static uint8_t *make_weight(ts_dtype dt, int rows, int stride) {
-  const int bb = ts_dtype_table[dt].block_bytes;
-  const size_t row_bytes = (size_t)bb * (size_t)(stride / 32);
-  uint8_t *buf = malloc(row_bytes * (size_t)rows);
-  for (int r = 0; r < rows; r++)
-    for (int b = 0; b < stride / 32; b++) {
-      uint8_t *p = buf + row_bytes * (size_t)r + (size_t)bb * (size_t)b;
-      float s = 0.002f + 0.05f * fabsf(test_rng_float(&rng));
-      uint16_t h = ts_f32_to_f16(test_rng_next(&rng) & 1 ? -s : s);
-      p[0] = (uint8_t)h;
-      p[1] = (uint8_t)(h >> 8);
-      for (int j = 2; j < bb; j++) p[j] = (uint8_t)test_rng_next(&rng);
-    }
-  return buf;
-}
-
 static void check_one(backend *be, int threads, ts_dtype dt, int m, int k, int n, int with_bias) {
   ts_err err = {0};
   const int stride = k + 32 * rand_int(0, 1);
-  uint8_t *buf = make_weight(dt, m, stride);
+  qweight qw = make_qweight(&rng, dt, m, stride, stride, 0, 1);
+  uint8_t *buf = qw.buf;
   ts_tensor w = {.data = buf, .dtype = dt, .ndim = 2, .shape = {m, k}, .row_stride = stride};
   CHECK(be->ops->weight_prepare(be->ctx, &w, &err) == 0);
   CHECK_MSG(w.data != buf, "%s m=%d k=%d not repacked", ts_dtype_table[dt].name, m, k);
@@ -84,7 +69,7 @@ static void check_one(backend *be, int threads, ts_dtype dt, int m, int k, int n
             ts_dtype_table[dt].name, threads, n, m, k, dep);
 
   be->ops->weight_release(be->ctx, &w);
-  free(buf);
+  free_qweight(&qw);
   free(bias);
   free(x);
   free(ya);

@@ -12,75 +12,13 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
+#include "test_quant_util.h"
 #include "test_util.h"
 
 static test_rng rng;
 
 static int rand_int(int lo, int hi) {
   return lo + (int)(test_rng_next(&rng) % (uint64_t)(hi - lo + 1));
-}
-
-/* The reference quantizer: d = max|x| / 127, q = x * (1/d) rounded to nearest even. */
-static void ref_quantize(const float *x, int k, int8_t *q, float *d) {
-  for (int b = 0; b < k / 32; b++) {
-    float amax = 0;
-    for (int j = 0; j < 32; j++)
-      if (fabsf(x[b * 32 + j]) > amax) amax = fabsf(x[b * 32 + j]);
-    d[b] = amax / 127.0f;
-    float id = d[b] != 0 ? 1.0f / d[b] : 0.0f;
-    for (int j = 0; j < 32; j++) {
-      float v = x[b * 32 + j] * id, r = floorf(v), f = v - r;
-      if (f > 0.5f || (f == 0.5f && fmodf(r, 2.0f) != 0)) r += 1;
-      q[b * 32 + j] = (int8_t)r;
-    }
-  }
-}
-
-typedef struct {
-  ts_tensor t;    /* the view handed to weight_prepare */
-  uint8_t *buf;   /* the file's bytes: [rows][stride/32] blocks */
-  size_t row_bytes;
-  int8_t *q;      /* [rows][cols] integer weights */
-  double *d;      /* [rows][cols/32] scales */
-} qweight;
-
-static qweight make_qweight(ts_dtype dt, int rows, int cols, int stride) {
-  qweight w;
-  memset(&w, 0, sizeof w);
-  int bb = ts_dtype_table[dt].block_bytes;
-  w.row_bytes = (size_t)bb * (stride / 32);
-  w.buf = malloc(w.row_bytes * rows);
-  w.q = malloc((size_t)rows * cols);
-  w.d = malloc(sizeof(double) * rows * (cols / 32));
-  for (int r = 0; r < rows; r++)
-    for (int b = 0; b < stride / 32; b++) {
-      uint8_t *p = w.buf + w.row_bytes * r + (size_t)bb * b;
-      float s = 0.002f + 0.05f * fabsf(test_rng_float(&rng));
-      uint16_t h = ts_f32_to_f16(test_rng_next(&rng) & 1 ? -s : s);
-      p[0] = (uint8_t)h;
-      p[1] = (uint8_t)(h >> 8);
-      for (int j = 2; j < bb; j++) p[j] = (uint8_t)test_rng_next(&rng);
-      if (b >= cols / 32) continue;
-      w.d[r * (cols / 32) + b] = ts_f16_to_f32(h);
-      for (int j = 0; j < 32; j++) {
-        int v = dt == TS_Q8_0 ? (int8_t)p[2 + j]
-                              : (j < 16 ? (p[2 + j] & 15) : (p[2 + j - 16] >> 4)) - 8;
-        w.q[(size_t)r * cols + b * 32 + j] = (int8_t)v;
-      }
-    }
-  w.t.data = w.buf;
-  w.t.dtype = dt;
-  w.t.ndim = 2;
-  w.t.shape[0] = rows;
-  w.t.shape[1] = cols;
-  w.t.row_stride = stride;
-  return w;
-}
-
-static void free_qweight(qweight *w) {
-  free(w->buf);
-  free(w->q);
-  free(w->d);
 }
 
 /* Unpacking every row gives the file's blocks and floats; a repacked copy takes the size of the
@@ -112,7 +50,7 @@ static void check_round_trip(backend *be, const qweight *w, int packed) {
 /* The embedding op reads a repacked table's rows as the file's rows dequantized. */
 static void test_embed(backend *be, ts_dtype dt) {
   int vocab = rand_int(17, 70), d = 32 * rand_int(1, 5), n = rand_int(1, 40);
-  qweight w = make_qweight(dt, vocab, d, d);
+  qweight w = make_qweight(&rng, dt, vocab, d, d, 0, 1);
   ts_err err = {0};
   CHECK(be->ops->weight_prepare(be->ctx, &w.t, &err) == 0);
   kv_cache kv;
@@ -147,7 +85,7 @@ static void test_shape(backend *be, int threads, ts_dtype dt, int m, int k, int 
   cpu_ctx *c = be->ctx;
   ts_err err = {0};
   int stride = k + 32 * rand_int(0, 1);
-  qweight w = make_qweight(dt, m, k, stride);
+  qweight w = make_qweight(&rng, dt, m, k, stride, 0, 1);
   CHECK(be->ops->weight_prepare(be->ctx, &w.t, &err) == 0);
   int packed = w.t.data != w.buf;
   const char *env = getenv("TESSERA_CPU_QREPACK");
@@ -241,7 +179,7 @@ int main(void) {
       test_embed(be, dts[di]);
     }
     /* A weight left in place is not mistaken for a repacked one. */
-    qweight w = make_qweight(TS_Q8_0, 5, 64, 64);
+    qweight w = make_qweight(&rng, TS_Q8_0, 5, 64, 64, 0, 1);
     uint8_t row[68];
     CHECK(cpu_quant_packed_row(be->ctx, &w.t, 0, row) == 0);
     free_qweight(&w);
